@@ -1,0 +1,1 @@
+"""Stage 3: requests, continuous batching scheduler, policies, retraction, chunked prefill, Engine."""
