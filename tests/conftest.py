@@ -78,3 +78,26 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                       do_sample=False, pad_token_id=0, eos_token_id=None)
     return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen3 saved by HF `save_pretrained`, plus the HF model itself."""
+    cfg = TINY_CONFIGS["gqa4-untied"]
+    hf = make_hf(cfg, seed=11)
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    hf.save_pretrained(path)
+    return path, hf, cfg
+
+
+def make_runner(path, **kw):
+    from stage2_runner.model_runner import ModelRunner
+    kw.setdefault("max_total_tokens", 4096)
+    kw.setdefault("device", "cpu")
+    return ModelRunner(model=str(path), **kw)
+
+
+def assert_no_leak(runner, cache=None):
+    """DESIGN.md §5: free + cache-held == pool size once nothing runs."""
+    held = 0 if cache is None else cache.evictable_size() + cache.protected_size()
+    assert runner.pool.allocator.available_size() + held == runner.pool.size

@@ -1,0 +1,111 @@
+"""Batched sampling with per-request parameters.
+
+    sample(logits [B, V] float32, info) -> SampleOutput(tokens [B], logprobs [B], top ...)
+
+Order of operations, per row: penalties on raw logits -> (greedy rows: argmax) ->
+temperature -> top_k / top_p / min_p filter -> draw. A draw is the "exponential race"
+argmax(p / E), E ~ Exp(1), which samples exactly from p without torch.multinomial's
+host-side checks; rows with a seed take E from their own generator seeded by
+(seed, step), so a seeded request reproduces whatever batch it runs in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingInfo:
+    temperatures: torch.Tensor        # [B] float, 0 = greedy
+    top_ps: torch.Tensor              # [B] float in (0, 1]
+    top_ks: torch.Tensor              # [B] int, >= 1 (vocab size when disabled)
+    min_ps: torch.Tensor              # [B] float in [0, 1]
+    seeds: list[int | None] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)     # tokens generated so far (seeded rows)
+    # Penalties (None when no row uses them: skips all penalty work)
+    frequency_penalties: torch.Tensor | None = None   # [B]
+    presence_penalties: torch.Tensor | None = None    # [B]
+    repetition_penalties: torch.Tensor | None = None  # [B], 1 = off
+    output_counts: torch.Tensor | None = None         # [B, V] counts of generated tokens
+    seen_mask: torch.Tensor | None = None             # [B, V] prompt or output token seen
+    top_logprobs_num: int = 0
+
+    @classmethod
+    def from_params(cls, params: list[dict], vocab: int, device, histories=None) -> "SamplingInfo":
+        """params: per request dicts with temperature/top_p/top_k/min_p/penalties/seed;
+        histories: per request (prompt_ids, output_ids), needed only for penalties."""
+        f = lambda k, d: torch.tensor([float(p.get(k, d)) for p in params], device=device)  # noqa: E731
+        top_k = [int(p.get("top_k", -1)) for p in params]
+        info = cls(temperatures=f("temperature", 1.0), top_ps=f("top_p", 1.0), min_ps=f("min_p", 0.0),
+                   top_ks=torch.tensor([k if k > 0 else vocab for k in top_k], device=device),
+                   seeds=[p.get("seed") for p in params],
+                   steps=[len(h[1]) for h in histories] if histories else [0] * len(params),
+                   top_logprobs_num=max(int(p.get("top_logprobs_num", 0)) for p in params))
+        fp, pp, rp = f("frequency_penalty", 0.0), f("presence_penalty", 0.0), f("repetition_penalty", 1.0)
+        if histories and (fp.any() or pp.any() or (rp != 1).any()):
+            info.frequency_penalties, info.presence_penalties, info.repetition_penalties = fp, pp, rp
+            info.output_counts = torch.zeros(len(params), vocab, device=device)
+            info.seen_mask = torch.zeros(len(params), vocab, dtype=torch.bool, device=device)
+            for i, (prompt, out) in enumerate(histories):
+                if out:
+                    o = torch.tensor(out, device=device)
+                    info.output_counts[i].index_add_(0, o, torch.ones(len(out), device=device))
+                info.seen_mask[i, torch.tensor(list(prompt) + list(out), device=device, dtype=torch.long)] = True
+        return info
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor                 # [B] int64
+    logprobs: torch.Tensor               # [B] log p(token) under the unfiltered distribution
+    top_logprobs: torch.Tensor | None    # [B, k]
+    top_ids: torch.Tensor | None         # [B, k]
+
+
+def apply_penalties(logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
+    """OpenAI-style frequency/presence (on generated tokens) and HF/CTRL-style repetition
+    penalty (on every seen token: positive logits divided, negative multiplied)."""
+    if info.output_counts is None:
+        return logits
+    counts = info.output_counts
+    logits = logits - info.frequency_penalties[:, None] * counts
+    logits = logits - info.presence_penalties[:, None] * (counts > 0).float()
+    rp = info.repetition_penalties[:, None]
+    penalised = torch.where(logits > 0, logits / rp, logits * rp)
+    return torch.where(info.seen_mask, penalised, logits)
+
+
+def filter_probs(probs: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
+    """Zero the tokens outside top_k, outside the top_p nucleus, or below min_p * p_max."""
+    sorted_p, idx = probs.sort(dim=-1, descending=True)             # [B, V]
+    ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
+    drop = ranks >= info.top_ks[:, None]
+    # Keep a token if the mass strictly before it is < top_p (the top token always stays).
+    drop |= (sorted_p.cumsum(-1) - sorted_p) >= info.top_ps[:, None]
+    drop |= sorted_p < info.min_ps[:, None] * sorted_p[:, :1]
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+
+
+def exponential_noise(shape, info: SamplingInfo, device) -> torch.Tensor:
+    noise = torch.empty(shape, device=device).exponential_()
+    for i, seed in enumerate(info.seeds):
+        if seed is not None:
+            g = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + info.steps[i])
+            noise[i] = torch.empty(shape[1], device=device).exponential_(generator=g)
+    return noise
+
+
+def sample(logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:
+    logits = apply_penalties(logits.float(), info)
+    greedy = logits.argmax(-1)
+    temps = info.temperatures.clamp(min=1e-6)[:, None]
+    probs = filter_probs(torch.softmax(logits / temps, dim=-1), info)
+    drawn = (probs / exponential_noise(probs.shape, info, probs.device)).argmax(-1)
+    tokens = torch.where(info.temperatures == 0, greedy, drawn)
+    logp = torch.log_softmax(logits, dim=-1)
+    out = SampleOutput(tokens, logp.gather(-1, tokens[:, None])[:, 0], None, None)
+    if info.top_logprobs_num:
+        out.top_logprobs, out.top_ids = logp.topk(info.top_logprobs_num, dim=-1)
+    return out
