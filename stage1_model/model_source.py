@@ -100,3 +100,12 @@ def generation_eos_ids(model_dir: Path, cfg: ModelConfig) -> list[int]:
         if eos is not None:
             ids += [eos] if isinstance(eos, int) else list(eos)
     return sorted(set(ids))
+
+
+def tokenizer_dir(model_dir: Path) -> Path:
+    """The model's own tokenizer, or the demo's (the same Qwen vocabulary) for a bare
+    config directory such as configs/qwen3-8b used with --load_format dummy."""
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+        return model_dir
+    log.warning("%s has no tokenizer files; using the demo model's Qwen tokenizer", model_dir)
+    return demo_model_dir()

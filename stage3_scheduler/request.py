@@ -52,11 +52,13 @@ class Req:
     # KV state (valid while RUNNING)
     row: int = -1                      # req_to_token row
     kv_len: int = 0                    # tokens whose K/V are in the pool
+    prefill_len: int = 0               # tokens to prefill since admission (prompt + output so far)
     slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
     cached_len: int = 0                # leading slots owned by the prefix cache (locked)
     cache_node: object = None
     cached_tokens: int = 0             # prompt tokens served from the prefix cache (first admission)
     num_retractions: int = 0
+    output_logprobs: list = field(default_factory=list)   # (logprob, token id) per output token
     # reported but not yet sent
     pending: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)
@@ -69,6 +71,10 @@ class Req:
     @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.kv_len < self.prefill_len
 
     @property
     def finished(self) -> bool:

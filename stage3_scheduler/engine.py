@@ -1,0 +1,104 @@
+"""The offline Engine: SGLang's `Engine(...).generate(...)`, in-process, no server.
+
+    Engine(model="demo", **options).generate(prompt | [prompts] | input_ids=..., sampling_params)
+      -> {"text", "output_ids", "meta_info": {id, finish_reason, prompt_tokens,
+          completion_tokens, cached_tokens, e2e_latency}}   (a list for a list of prompts)
+
+Options are RunnerArgs and SchedulerArgs fields. Stage 3 runs without a prefix cache;
+stage 4's Engine overrides `make_cache` to plug in the radix tree.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import fields
+
+from stage1_model.model_source import tokenizer_dir
+from stage1_model.tokenizer import load_tokenizer
+from stage2_runner.model_runner import ModelRunner, RunnerArgs
+from stage3_scheduler.prefix_cache import NoPrefixCache
+from stage3_scheduler.request import Req
+from stage3_scheduler.sampling_params import SamplingParams
+from stage3_scheduler.scheduler import Scheduler, SchedulerArgs
+from stage3_scheduler.stops import trim_stop_string
+
+_ids = itertools.count()
+
+
+def split_options(options: dict) -> tuple[RunnerArgs, SchedulerArgs, dict]:
+    rnames = {f.name for f in fields(RunnerArgs)}
+    snames = {f.name for f in fields(SchedulerArgs)}
+    rest = {k: v for k, v in options.items() if k not in rnames | snames}
+    return (RunnerArgs(**{k: v for k, v in options.items() if k in rnames}),
+            SchedulerArgs(**{k: v for k, v in options.items() if k in snames}), rest)
+
+
+class Engine:
+    def __init__(self, model: str = "demo", **options):
+        rargs, sargs, rest = split_options({"model": model, **options})
+        self.disable_radix_cache = rest.pop("disable_radix_cache", False)
+        if rest:
+            raise TypeError(f"unknown Engine options: {sorted(rest)}")
+        self.runner = ModelRunner(rargs)
+        self.tokenizer = load_tokenizer(tokenizer_dir(self.runner.model_path))
+        self.cache = self.make_cache()
+        self.scheduler = Scheduler(self.runner, sargs, self.cache, self.tokenizer)
+
+    def make_cache(self):
+        return NoPrefixCache(self.runner.pool.allocator, self.runner.pool.allocator.page_size)
+
+    # ---- requests -------------------------------------------------------------------
+    def _make_reqs(self, prompt, input_ids, sampling_params, return_logprob):
+        single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
+        if input_ids is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            input_ids = [self.tokenizer.encode(p) for p in prompts]
+        elif single:
+            input_ids = [input_ids]
+        plist = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        reqs = []
+        for ids, p in zip(input_ids, plist):
+            params = p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p, self.runner.config.vocab_size)
+            reqs.append(Req(f"engine-{next(_ids)}", list(ids), params, return_logprob=return_logprob))
+        return reqs, single
+
+    def result(self, r: Req, t0: float) -> dict:
+        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=r.params.skip_special_tokens)
+        out = {"text": trim_stop_string(text, r, r.finish_reason), "output_ids": list(r.output_ids),
+               "meta_info": {"id": r.rid, "finish_reason": r.finish_reason, "prompt_tokens": len(r.input_ids),
+                             "completion_tokens": len(r.output_ids), "cached_tokens": r.cached_tokens,
+                             "e2e_latency": time.perf_counter() - t0}}
+        if r.return_logprob:
+            out["meta_info"]["output_token_logprobs"] = [[lp, t, None] for lp, t in r.output_logprobs]
+        return out
+
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False, stream=False):
+        reqs, single = self._make_reqs(prompt, input_ids, sampling_params, return_logprob)
+        if stream:
+            return self._stream(reqs)
+        t0 = time.perf_counter()
+        for r in reqs:
+            self.scheduler.add_request(r)
+        self.run_until_done(reqs)
+        results = [self.result(r, t0) for r in reqs]
+        return results[0] if single else results
+
+    def run_until_done(self, reqs: list[Req]) -> None:
+        while not all(r.finished for r in reqs):
+            self.scheduler.step()
+        while self.scheduler.finished_unreported:       # drain the reports of finished requests
+            self.scheduler.step()
+
+    def _stream(self, reqs: list[Req]):
+        t0 = time.perf_counter()
+        for r in reqs:
+            self.scheduler.add_request(r)
+        while not all(r.finished for r in reqs):
+            outs = self.scheduler.step()
+            for out in outs:
+                r = next((q for q in reqs if q.rid == out.rid), None)
+                if r is not None and (out.new_token_ids or out.finished):
+                    yield self.result(r, t0)
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.flush_cache()

@@ -1,0 +1,82 @@
+"""Who owns which KV slots of a request, and handing them over to the prefix cache.
+
+A running request's slots are `req.slots` [kv_len]: the first `cached_len` belong to the
+prefix cache (locked through `req.cache_node`, so they cannot be evicted under it), the
+rest belong to the request. `req_to_token[req.row, :kv_len]` mirrors `req.slots`.
+"""
+from __future__ import annotations
+
+import torch
+
+from stage2_runner.kv_cache import KVPool, OutOfSlots
+from stage3_scheduler.request import Req
+
+
+def ensure_free(pool: KVPool, cache, num_slots: int) -> None:
+    """Evict from the cache until `num_slots` are free, else raise OutOfSlots."""
+    short = num_slots - pool.allocator.available_size()
+    if short > 0:
+        cache.evict(short)
+    if pool.allocator.available_size() < num_slots:
+        raise OutOfSlots(f"need {num_slots} slots, {pool.allocator.available_size()} free after eviction")
+
+
+def attach_prefix(req: Req, pool: KVPool, cache) -> None:
+    """Admission: take the longest cached prefix (locked) and a req_to_token row."""
+    slots, node = cache.match_prefix(req.all_ids)
+    # Always leave at least one token to compute: its logits give the next token.
+    keep = min(len(slots), (req.seq_len - 1) // cache.page_size * cache.page_size)
+    if keep < len(slots):
+        slots, node = cache.match_prefix(req.all_ids[:keep])
+    cache.lock(node)
+    req.row = pool.alloc_row()
+    req.slots, req.cache_node = slots, node
+    req.cached_len = req.kv_len = len(slots)
+    if len(slots):
+        pool.req_to_token[req.row, :len(slots)] = slots.to(pool.req_to_token.device, torch.int32)
+
+
+def grow(req: Req, pool: KVPool, cache, n: int) -> torch.Tensor:
+    """Slots for the next n tokens of req (evicting from the cache if needed)."""
+    need = pool.allocator.pages_of(req.kv_len + n) - pool.allocator.pages_of(req.kv_len)
+    ensure_free(pool, cache, need * pool.allocator.page_size)
+    last = int(req.slots[-1]) if req.kv_len else -1
+    new = pool.allocator.alloc_extend(req.kv_len, last, n)
+    pool.req_to_token[req.row, req.kv_len:req.kv_len + n] = new.to(pool.req_to_token.device, torch.int32)
+    req.slots = torch.cat([req.slots, new])
+    return new
+
+
+def cache_prefix(req: Req, pool: KVPool, cache) -> None:
+    """Mid-prefill (chunked): hand the computed, page-aligned prefix to the cache and
+    re-point the request at the cache's copy, so other requests can share it."""
+    aligned = req.kv_len // cache.page_size * cache.page_size
+    if aligned <= req.cached_len:
+        return
+    n = cache.insert(req.all_ids[:aligned], req.slots[:aligned])
+    if n >= aligned:                      # a cache that keeps nothing (NoPrefixCache)
+        return
+    pool.allocator.free(req.slots[req.cached_len:n])      # our duplicates of cached tokens
+    slots, node = cache.match_prefix(req.all_ids[:aligned])
+    assert len(slots) == aligned, "an inserted prefix must match in full"
+    cache.lock(node)
+    cache.unlock(req.cache_node)
+    req.slots = torch.cat([slots, req.slots[aligned:]])
+    pool.req_to_token[req.row, :aligned] = slots.to(pool.req_to_token.device, torch.int32)
+    req.cached_len, req.cache_node = aligned, node
+
+
+def release(req: Req, pool: KVPool, cache, keep_in_cache: bool) -> None:
+    """Finished (keep_in_cache) or retracted/aborted: give every slot back to its owner."""
+    own_from = req.cached_len
+    if keep_in_cache and req.kv_len:
+        aligned = req.kv_len // cache.page_size * cache.page_size
+        n = cache.insert(req.all_ids[:aligned], req.slots[:aligned])
+        # The cache took slots[max(n, cached):aligned]; we free our duplicates and the tail.
+        pool.allocator.free(req.slots[req.cached_len:max(n, req.cached_len)])
+        own_from = max(aligned, req.cached_len)
+    pool.allocator.free(req.slots[own_from:req.kv_len])
+    cache.unlock(req.cache_node)
+    pool.free_row(req.row)
+    req.row, req.kv_len, req.cached_len, req.cache_node = -1, 0, 0, None
+    req.slots = torch.empty(0, dtype=torch.int64)

@@ -1,0 +1,264 @@
+"""The continuous-batching scheduler: one `step()` = admit, run one batch, sample, stop.
+
+    add_request(req) / abort(rid) -> step() -> [StepOutput] per request that advanced
+
+Each step runs either an EXTEND batch (newly admitted requests, or the next chunk of a
+long prompt) or a DECODE batch (one token for every running request). Prefill goes
+first, but right after a chunk the running requests get a decode step, so a long
+prompt never stalls everyone else: chunks and decode steps alternate.
+
+Admission reserves memory in advance: a request needs its uncomputed prompt tokens now
+plus `max_new_tokens * new_token_ratio` later. The ratio starts at 0.7, decays every
+decode step (requests often stop early), and jumps back after a retraction. When a
+decode step still cannot get a slot for every running request, the request with the
+fewest generated tokens (ties: the longest prompt) goes back to the waiting queue.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from stage2_runner.forward_batch import make_batch
+from stage2_runner.kv_cache import OutOfSlots
+from stage2_runner.sampler import SamplingInfo
+from stage3_scheduler import req_kv
+from stage3_scheduler.policy import make_policy
+from stage3_scheduler.prefix_cache import NoPrefixCache
+from stage3_scheduler.request import Req, Status, StepOutput
+from stage3_scheduler.stops import check_stop, min_tokens_mask
+from stage3_scheduler.trace import Tracer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerArgs:
+    schedule_policy: str = "fifo"
+    chunked_prefill_size: int = 2048        # <= 0: no chunking
+    max_prefill_tokens: int = 16384         # new tokens per extend batch
+    init_new_token_ratio: float = 0.7
+    min_new_token_ratio: float = 0.1
+    new_token_ratio_decay: float = 0.002
+    trace_path: str | None = None
+
+
+class Scheduler:
+    def __init__(self, runner, args: SchedulerArgs | None = None, cache=None, tokenizer=None):
+        self.runner, self.args, self.tokenizer = runner, args or SchedulerArgs(), tokenizer
+        self.pool = runner.pool
+        self.cache = cache or NoPrefixCache(self.pool.allocator, self.pool.allocator.page_size)
+        self.policy = make_policy(self.args.schedule_policy)
+        self.max_running = runner.args.max_running_requests
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []      # admitted; may still be mid-prefill (chunked)
+        self.finished_unreported: list[Req] = []
+        self.ratio = self.args.init_new_token_ratio
+        self.total_retractions = self.cache_hit_tokens = self.forwarded_tokens = 0
+        self.last_was_chunk = False
+        self.tracer = Tracer(self.args.trace_path)
+
+    # ---- public API -------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        if req.params.max_new_tokens == 0:
+            req.finish({"type": "length", "length": 0})
+            self.finished_unreported.append(req)
+            return
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> None:
+        for req in self.waiting + self.running:
+            if req.rid == rid and not req.finished:
+                self._finish(req, {"type": "abort", "message": "aborted"}, keep_in_cache=False)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.finished_unreported)
+
+    def step(self) -> list[StepOutput]:
+        reports = self.finished_unreported
+        self.finished_unreported = []
+        prefilling = [r for r in self.running if r.prefilling]
+        decoders = [r for r in self.running if not r.prefilling]
+        if decoders and self.last_was_chunk:
+            reports += self._decode(decoders)            # interleave with a chunked prefill
+            self.last_was_chunk = False
+        elif batch := self._admit(prefilling):
+            reports += self._extend(batch)
+        elif decoders:
+            reports += self._decode(decoders)
+        return [r.take_output() for r in dict.fromkeys(reports)]
+
+    def flush_cache(self) -> bool:
+        if self.waiting or self.running:
+            return False
+        self.cache.reset()
+        return True
+
+    def check_invariant(self) -> None:
+        held = sum(self.pool.allocator.pages_of(len(r.slots)) - r.cached_len // self.pool.allocator.page_size
+                   for r in self.running) * self.pool.allocator.page_size
+        cached = self.cache.evictable_size() + self.cache.protected_size()
+        free = self.pool.allocator.available_size()
+        assert free + cached + held == self.pool.size, \
+            f"KV leak: free {free} + cached {cached} + running {held} != pool {self.pool.size}"
+
+    def stats(self) -> dict:
+        held = self.pool.size - self.pool.allocator.available_size() - self.cache.evictable_size() \
+            - self.cache.protected_size()
+        return dict(num_running=len(self.running), num_waiting=len(self.waiting), kv_pool_size=self.pool.size,
+                    kv_free_slots=self.pool.allocator.available_size(),
+                    kv_cached_slots=self.cache.evictable_size() + self.cache.protected_size(),
+                    kv_running_slots=held, total_retractions=self.total_retractions,
+                    cache_hit_tokens=self.cache_hit_tokens, new_token_ratio=round(self.ratio, 4))
+
+    # ---- admission ----------------------------------------------------------------
+    def _available(self) -> float:
+        """Slots usable by new work: free + evictable - what running requests will still need."""
+        future = sum(min(r.params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW) * self.ratio
+                     + (r.prefill_len - len(r.slots)) for r in self.running)
+        return self.pool.allocator.available_size() + self.cache.evictable_size() - future
+
+    def _admit(self, prefilling: list[Req]) -> list[tuple[Req, int]]:
+        """The next extend batch: continue chunked prefills, then admit waiting requests."""
+        chunk = self.args.chunked_prefill_size if self.args.chunked_prefill_size > 0 else 1 << 30
+        budget = min(self.args.max_prefill_tokens, chunk)
+        batch = []
+        for r in prefilling:
+            if budget <= 0:
+                break
+            n = min(r.prefill_len - r.kv_len, budget)
+            try:
+                req_kv.grow(r, self.pool, self.cache, n)
+            except OutOfSlots:
+                break
+            batch.append((r, n))
+            budget -= n
+        for r in self.policy.order(self.waiting, self.cache):
+            if budget <= 0 or len(self.running) >= self.max_running:
+                break
+            prefix = len(self.cache.match_prefix(r.all_ids)[0])
+            need = r.seq_len - prefix + min(r.params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW) * self.ratio
+            if need > self._available() and (self.running or batch):
+                break                                   # wait for memory (keeps FIFO order)
+            try:
+                batch.append((r, self._start(r, budget)))
+            except OutOfSlots:
+                if not self.running and not batch:      # could never fit, even alone
+                    self._finish(r, {"type": "abort", "message": "prompt does not fit in the KV cache"}, False)
+                break
+            budget -= batch[-1][1]
+        return batch
+
+    def _start(self, r: Req, budget: int) -> int:
+        """Move r to running: attach its cached prefix and slots for its first chunk."""
+        req_kv.attach_prefix(r, self.pool, self.cache)
+        n = min(r.seq_len - r.kv_len, budget)
+        try:
+            req_kv.grow(r, self.pool, self.cache, n)
+        except OutOfSlots:
+            req_kv.release(r, self.pool, self.cache, keep_in_cache=False)
+            raise
+        if r.num_retractions == 0:
+            r.cached_tokens = r.cached_len
+            self.cache_hit_tokens += r.cached_len
+        r.prefill_len, r.status = r.seq_len, Status.RUNNING
+        self.waiting.remove(r)
+        self.running.append(r)
+        return n
+
+    # ---- running batches ------------------------------------------------------------
+    def _extend(self, batch: list[tuple[Req, int]]) -> list[Req]:
+        reqs = [r for r, _ in batch]
+        toks = [r.all_ids[r.kv_len:r.kv_len + n] for r, n in batch]
+        locs = torch.cat([r.slots[r.kv_len:r.kv_len + n] for r, n in batch])
+        fb = make_batch([r.row for r in reqs], [r.kv_len for r in reqs], toks, locs, self.runner.device)
+        logits = self.runner.forward(fb)
+        for r, n in batch:
+            r.kv_len += n
+        done = [i for i, r in enumerate(reqs) if not r.prefilling]
+        for r in reqs:
+            if r.prefilling:                       # mid-prompt: share what is computed so far
+                req_kv.cache_prefix(r, self.pool, self.cache)
+        self.last_was_chunk = len(done) < len(reqs)
+        self.forwarded_tokens += len(fb.input_ids)
+        self.tracer.record(self, "extend", len(reqs), len(fb.input_ids))
+        return self._sample([reqs[i] for i in done], logits[done]) if done else []
+
+    def _decode(self, reqs: list[Req]) -> list[Req]:
+        reqs = self._make_room(reqs)
+        if not reqs:
+            return []
+        locs = torch.cat([req_kv.grow(r, self.pool, self.cache, 1) for r in reqs])
+        fb = make_batch([r.row for r in reqs], [r.kv_len for r in reqs], [[r.output_ids[-1]] for r in reqs],
+                        locs, self.runner.device)
+        logits = self.runner.forward(fb)
+        for r in reqs:
+            r.kv_len += 1
+        self.ratio = max(self.args.min_new_token_ratio, self.ratio - self.args.new_token_ratio_decay)
+        self.forwarded_tokens += len(reqs)
+        self.tracer.record(self, "decode", len(reqs), len(reqs))
+        return self._sample(reqs, logits)
+
+    def _make_room(self, reqs: list[Req]) -> list[Req]:
+        """Retract until every decoding request can get its next slot."""
+        P = self.pool.allocator.page_size
+        while reqs:
+            need = sum(P for r in reqs if len(r.slots) % P == 0)
+            if need <= self.pool.allocator.available_size() + self.cache.evictable_size():
+                return reqs
+            if len(self.running) == 1:             # alone and still no room: the pool is too small
+                self._finish(reqs[0], {"type": "length", "length": len(reqs[0].output_ids)}, True)
+                log.warning("request %s stopped: KV pool too small for its context", reqs[0].rid)
+                return []
+            # Fewest generated tokens first (least work lost), then the longest prompt (frees most).
+            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            self._retract(victim)
+            reqs = [r for r in reqs if r is not victim]
+        return reqs
+
+    def _retract(self, r: Req) -> None:
+        req_kv.release(r, self.pool, self.cache, keep_in_cache=False)
+        self.running.remove(r)
+        r.status, r.prefill_len = Status.WAITING, 0
+        r.num_retractions += 1
+        self.total_retractions += 1
+        self.waiting.insert(0, r)                  # first in line to come back
+        self.ratio = self.args.init_new_token_ratio
+        log.info("retracted %s (%d generated tokens)", r.rid, len(r.output_ids))
+
+    # ---- sampling and stops ---------------------------------------------------------
+    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> list[Req]:
+        eos = self.runner.eos_token_ids
+        for i, ids in min_tokens_mask(reqs, eos):
+            logits[i, ids] = float("-inf")
+        params = [dict(r.params.to_dict(), top_logprobs_num=r.top_logprobs_num) for r in reqs]
+        info = SamplingInfo.from_params(params, logits.shape[-1], logits.device,
+                                        [(r.input_ids, r.output_ids) for r in reqs])
+        out = self.runner.sample(logits, info)
+        tokens, lps = out.tokens.tolist(), out.logprobs.tolist()
+        for i, (r, t) in enumerate(zip(reqs, tokens)):
+            r.output_ids.append(t)
+            r.pending.append(t)
+            if r.return_logprob:
+                r.pending_logprobs.append((lps[i], t))
+                r.output_logprobs.append((lps[i], t))
+                if out.top_ids is not None and r.top_logprobs_num:
+                    k = r.top_logprobs_num
+                    r.pending_top.append(list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist())))
+            reason = check_stop(r, eos, self.tokenizer, self.runner.context_length)
+            if reason:
+                self._finish(r, reason, keep_in_cache=True)
+        return reqs
+
+    def _finish(self, r: Req, reason: dict, keep_in_cache: bool) -> None:
+        r.finish(reason)
+        if r in self.running:
+            req_kv.release(r, self.pool, self.cache, keep_in_cache)
+            self.running.remove(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        self.finished_unreported.append(r)
+
+
+CLIP_MAX_NEW = 4096      # reserve at most this many future tokens per request (as SGLang)

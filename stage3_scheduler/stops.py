@@ -1,0 +1,57 @@
+"""Stop conditions, checked after every new token, in SGLang's order and shapes.
+
+    check_stop(req, eos_ids, tokenizer, context_length) -> finish_reason dict or None
+
+  length      {"type": "length", "length": max_new_tokens}   (or the context is full)
+  stop token  {"type": "stop", "matched": <token id>}         EOS unless ignore_eos, stop_token_ids
+  stop string {"type": "stop", "matched": "<the string>"}     found in the decoded tail
+EOS and stop ids are suppressed while fewer than min_new_tokens were generated (see
+`min_tokens_mask`); stop strings are simply not checked until then.
+"""
+from __future__ import annotations
+
+from stage3_scheduler.request import Req
+
+TAIL_TOKENS = 8          # extra tokens decoded beyond the stop string's length
+
+
+def stop_token_ids(req: Req, eos_ids: list[int]) -> set[int]:
+    ids = set(req.params.stop_token_ids)
+    if not req.params.ignore_eos:
+        ids |= set(eos_ids)
+    return ids
+
+
+def check_stop(req: Req, eos_ids: list[int], tokenizer, context_length: int) -> dict | None:
+    p, out = req.params, req.output_ids
+    if len(out) >= p.min_new_tokens:
+        if out and out[-1] in stop_token_ids(req, eos_ids):
+            return {"type": "stop", "matched": out[-1]}
+        if p.stop and tokenizer is not None:
+            longest = max(len(s) for s in p.stop)
+            # A token decodes to >= 1 char, so the last `longest + 8` tokens hold any match.
+            tail = tokenizer.decode(out[-(longest + TAIL_TOKENS):], skip_special_tokens=False)
+            for s in p.stop:
+                if s in tail:
+                    return {"type": "stop", "matched": s}
+    if len(out) >= p.max_new_tokens:
+        return {"type": "length", "length": p.max_new_tokens}
+    if req.seq_len >= context_length:
+        return {"type": "length", "length": len(out)}
+    return None
+
+
+def min_tokens_mask(reqs: list[Req], eos_ids: list[int]) -> list[tuple[int, list[int]]]:
+    """(row in batch, token ids to forbid) for requests still below min_new_tokens."""
+    return [(i, sorted(stop_token_ids(r, eos_ids))) for i, r in enumerate(reqs)
+            if len(r.output_ids) < r.params.min_new_tokens]
+
+
+def trim_stop_string(text: str, req_or_params, finish_reason: dict | None) -> str:
+    """Cut the text at the matched stop string (SGLang trims unless no_stop_trim)."""
+    params = getattr(req_or_params, "params", req_or_params)
+    if finish_reason and isinstance(finish_reason.get("matched"), str) and not params.no_stop_trim:
+        idx = text.find(finish_reason["matched"])
+        if idx >= 0:
+            return text[:idx]
+    return text
