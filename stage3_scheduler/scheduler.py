@@ -75,6 +75,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.finished_unreported)
 
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         reports = self.finished_unreported
         self.finished_unreported = []

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import random_prompts
+from conftest import hf_greedy, random_prompts
 from stage1_model.generate import generate
 from stage3_scheduler.engine import Engine
 
@@ -44,6 +44,9 @@ def test_concurrent_mixed_lengths_equal_stage1(tiny_model_dir, workload, referen
     eng = engine_for(tiny_model_dir[0])
     got, outs = run(eng, workload)
     assert got == reference
+    hf = tiny_model_dir[1]
+    for i in (0, 6):                                   # and the chain ends at HF
+        assert got[i] == hf_greedy(hf, workload[0][i], workload[1][i])
     for o, p, n in zip(outs, *workload):
         m = o["meta_info"]
         assert (m["prompt_tokens"], m["completion_tokens"], m["finish_reason"]) == \
