@@ -55,8 +55,9 @@ class TorchBackend(AttentionBackend):
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, pool, num_heads, num_kv_heads, head_dim, num_kv_splits: int = 16, max_batch: int = 512):
+    def __init__(self, pool, num_heads, num_kv_heads, head_dim, num_kv_splits: int = 16):
         super().__init__(pool, num_heads, num_kv_heads, head_dim)
+        max_batch = pool.req_to_token.shape[0]           # one workspace row per possible request
         from stage2_runner import triton_kernels as tk
         self.tk = tk
         self.num_kv_splits = num_kv_splits

@@ -19,6 +19,7 @@ def extend(runner: ModelRunner, rows, prefix_lens, new_tokens, last_slots):
     pool = runner.pool
     locs = []
     for i, (row, p, toks) in enumerate(zip(rows, prefix_lens, new_tokens)):
+        assert toks, "every request needs at least one new token per extend"
         slots = pool.allocator.alloc_extend(p, last_slots[i], len(toks))
         pool.req_to_token[row, p:p + len(toks)] = slots.to(pool.req_to_token.device, torch.int32)
         last_slots[i] = int(slots[-1])

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput (vs HF transformers), shared-prefix cache, attention, serving."""
