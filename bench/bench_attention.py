@@ -114,7 +114,7 @@ def make_fn(name: str, p: Point, variant: dict | None):
     if name.startswith("triton"):
         for key in ("DECODE_BLOCK_N", "NUM_WARPS", "NUM_STAGES"):
             setattr(tk, key, variant[key])          # read by decode_attention at launch time
-        be = attn.TritonBackend(p.pool, H, KVH, D, num_kv_splits=variant["splits"], max_batch=p.batch)
+        be = attn.TritonBackend(p.pool, H, KVH, D, num_kv_splits=variant["splits"])
         return lambda: be.attend(p.q, 0, p.batch_info)
     if name == "fa":
         be = attn.FlashBackend(p.pool, H, KVH, D)
