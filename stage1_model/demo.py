@@ -13,7 +13,7 @@ import torch
 
 from stage1_model.config import load_config
 from stage1_model.generate import generate
-from stage1_model.model_source import generation_eos_ids, resolve_model_path
+from stage1_model.model_source import generation_eos_ids, resolve_model_path, tokenizer_dir
 from stage1_model.tokenizer import load_tokenizer
 from stage1_model.weights import load_model
 
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     cfg = load_config(path)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     model = load_model(path, dtype, args.device, args.load_format, cfg=cfg)
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(tokenizer_dir(path))
     ids = tok.encode(args.prompt)
     t0 = time.perf_counter()
     out = generate(model, ids, args.max_new_tokens, args.temperature,

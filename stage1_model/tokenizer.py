@@ -72,6 +72,8 @@ def load_tokenizer(model_dir: str | Path):
     """The model directory's tokenizer (fast), as SGLang loads it."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (ValueError, OSError, KeyError):

@@ -30,6 +30,9 @@ class SamplingInfo:
     output_counts: torch.Tensor | None = None         # [B, V] counts of generated tokens
     seen_mask: torch.Tensor | None = None             # [B, V] prompt or output token seen
     top_logprobs_num: int = 0
+    # Host-side flags so a batch that is all greedy / unfiltered skips the O(V log V) sort
+    all_greedy: bool = False
+    needs_filter: bool = True
 
     @classmethod
     def from_params(cls, params: list[dict], vocab: int, device, histories=None) -> "SamplingInfo":
@@ -41,7 +44,10 @@ class SamplingInfo:
                    top_ks=torch.tensor([k if k > 0 else vocab for k in top_k], device=device),
                    seeds=[p.get("seed") for p in params],
                    steps=[len(h[1]) for h in histories] if histories else [0] * len(params),
-                   top_logprobs_num=max(int(p.get("top_logprobs_num", 0)) for p in params))
+                   top_logprobs_num=max(int(p.get("top_logprobs_num", 0)) for p in params),
+                   all_greedy=all(float(p.get("temperature", 1.0)) == 0 for p in params),
+                   needs_filter=any(0 < k < vocab for k in top_k) or
+                   any(float(p.get("top_p", 1.0)) < 1 or float(p.get("min_p", 0.0)) > 0 for p in params))
         fp, pp, rp = f("frequency_penalty", 0.0), f("presence_penalty", 0.0), f("repetition_penalty", 1.0)
         if histories and (fp.any() or pp.any() or (rp != 1).any()):
             info.frequency_penalties, info.presence_penalties, info.repetition_penalties = fp, pp, rp
@@ -100,10 +106,15 @@ def exponential_noise(shape, info: SamplingInfo, device) -> torch.Tensor:
 def sample(logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:
     logits = apply_penalties(logits.float(), info)
     greedy = logits.argmax(-1)
-    temps = info.temperatures.clamp(min=1e-6)[:, None]
-    probs = filter_probs(torch.softmax(logits / temps, dim=-1), info)
-    drawn = (probs / exponential_noise(probs.shape, info, probs.device)).argmax(-1)
-    tokens = torch.where(info.temperatures == 0, greedy, drawn)
+    if info.all_greedy:
+        tokens = greedy
+    else:
+        temps = info.temperatures.clamp(min=1e-6)[:, None]
+        probs = torch.softmax(logits / temps, dim=-1)
+        if info.needs_filter:
+            probs = filter_probs(probs, info)
+        drawn = (probs / exponential_noise(probs.shape, info, probs.device)).argmax(-1)
+        tokens = torch.where(info.temperatures == 0, greedy, drawn)
     logp = torch.log_softmax(logits, dim=-1)
     out = SampleOutput(tokens, logp.gather(-1, tokens[:, None])[:, 0], None, None)
     if info.top_logprobs_num:

@@ -1,6 +1,6 @@
 """Chapter 3 demo: `python -m stage3_scheduler.demo [--trace out.jsonl] [--plot out.png]`.
 
-Runs the offline `Engine` on prompts of mixed lengths (a few tokens up to a few hundred)
+Runs the offline `Engine` on 8 prompts of mixed lengths (1 to 157 tokens), greedy,
 with a KV pool deliberately too small for all of them at once, so the scheduler has to
 do everything this chapter is about: admit under a token budget, chunk the long prompts
 (chunks alternate with decode steps), decode in one continuous batch, and retract a
@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="demo", help="'demo', a local HF Qwen3 directory, or configs/<name>")
     ap.add_argument("--load_format", "--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    ap.add_argument("--max_total_tokens", "--max-total-tokens", type=int, default=640,
+    ap.add_argument("--max_total_tokens", "--max-total-tokens", type=int, default=400,
                     help="KV pool size in token slots; small on purpose, so a retraction happens")
     ap.add_argument("--chunked_prefill_size", "--chunked-prefill-size", type=int, default=128,
                     help="longest prefill chunk (<= 0: no chunking)")

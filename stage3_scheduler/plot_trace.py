@@ -67,19 +67,25 @@ def plot(rows: list[dict], out: str | Path, title: str | None = None) -> Path:
     ax_tok.legend(loc="upper right")
 
     _bars_by_mode(ax_bs, rows, "batch_size")
-    ax_bs.plot(steps, [r["running"] for r in rows], color="black", lw=1, label="running")
-    ax_bs.plot(steps, [r["waiting"] for r in rows], color="gray", lw=1, ls=":", label="waiting")
+    ax_bs.plot(steps, [r["running"] for r in rows], color="black", lw=1, label="running", drawstyle="steps-mid")
+    ax_bs.plot(steps, [r["waiting"] for r in rows], color="gray", lw=1, ls=":", label="waiting",
+               drawstyle="steps-mid")
     ax_bs.set_ylabel("requests")
     ax_bs.legend(loc="upper right")
 
-    # Slots after each step: the three parts always add up to the pool size.
+    # Slots after each step (the three parts add up to the pool size); "mid" aligns with the bars.
     ax_kv.stackplot(steps, [r["slots_used"] for r in rows], [r["slots_cached"] for r in rows],
                     [r["slots_free"] for r in rows], labels=["running", "prefix cache", "free"],
-                    colors=["tab:green", "tab:purple", "#dddddd"], step="post")
+                    colors=["tab:green", "tab:purple", "#dddddd"], step="mid")
     ax_kv.set_ylabel("KV slots")
     ax_kv.legend(loc="upper right")
 
-    ax_hit.plot(steps, [r["cache_hit_tokens"] for r in rows], color="tab:purple", drawstyle="steps-post")
+    hits = [r["cache_hit_tokens"] for r in rows]
+    ax_hit.plot(steps, hits, color="tab:purple", drawstyle="steps-mid")
+    ax_hit.set_ylim(bottom=0, top=max(1, max(hits)) * 1.1)
+    if not hits[-1]:
+        ax_hit.text(0.5, 0.5, "no prefix-cache hits in this run",
+                    transform=ax_hit.transAxes, ha="center", va="center", color="gray")
     ax_hit.set_ylabel("cache-hit tokens")
     ax_hit.set_xlabel("scheduler step")
 

@@ -12,6 +12,10 @@ plus `max_new_tokens * new_token_ratio` later. The ratio starts at 0.7, decays e
 decode step (requests often stop early), and jumps back after a retraction. When a
 decode step still cannot get a slot for every running request, the request with the
 fewest generated tokens (ties: the longest prompt) goes back to the waiting queue.
+
+With a prefix cache, every extend hands its computed (page-aligned) tokens to the cache
+at once, and a waiting request that shares a long prefix with a request of the batch
+being built waits one step, so it reuses that prefix instead of recomputing it.
 """
 from __future__ import annotations
 
@@ -139,6 +143,8 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
             prefix = len(self.cache.match_prefix(r.all_ids)[0])
+            if self._shares_with_batch(r, prefix, batch):
+                continue                                # next step it hits the cache instead
             need = r.seq_len - prefix + min(r.params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW) * self.ratio
             if need > self._available() and (self.running or batch):
                 break                                   # wait for memory (keeps FIFO order)
@@ -150,6 +156,13 @@ class Scheduler:
                 break
             budget -= batch[-1][1]
         return batch
+
+    def _shares_with_batch(self, r: Req, cached: int, batch: list[tuple[Req, int]]) -> bool:
+        """Would r recompute a long prefix that a request of this very batch is computing?
+        Then defer it one step: that prefix is in the cache by then (SGLang does the same)."""
+        if isinstance(self.cache, NoPrefixCache):
+            return False
+        return any(common_prefix_len(r.all_ids, q.all_ids) - cached >= IN_BATCH_SHARE_MIN for q, _ in batch)
 
     def _start(self, r: Req, budget: int) -> int:
         """Move r to running: attach its cached prefix and slots for its first chunk."""
@@ -178,9 +191,8 @@ class Scheduler:
         for r, n in batch:
             r.kv_len += n
         done = [i for i, r in enumerate(reqs) if not r.prefilling]
-        for r in reqs:
-            if r.prefilling:                       # mid-prompt: share what is computed so far
-                req_kv.cache_prefix(r, self.pool, self.cache)
+        for r in reqs:                             # share what is computed so far, right away
+            req_kv.cache_prefix(r, self.pool, self.cache)
         self.last_was_chunk = len(done) < len(reqs)
         self.forwarded_tokens += len(fb.input_ids)
         self.tracer.record(self, "extend", len(reqs), len(fb.input_ids))
@@ -263,3 +275,16 @@ class Scheduler:
 
 
 CLIP_MAX_NEW = 4096      # reserve at most this many future tokens per request (as SGLang)
+IN_BATCH_SHARE_MIN = 32  # defer a request sharing this many uncached tokens with the batch
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Binary search on slice equality: ~log2(n) list compares that run in C, not n in Python."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

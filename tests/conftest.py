@@ -1,62 +1,15 @@
-"""Shared fixtures: tiny random Qwen3 configs, paired HF reference and our model.
-
-`make_pair(cfg)` builds HF's `Qwen3ForCausalLM` with a seeded random init (lm_head scaled
-up so greedy argmaxes are decisive, not ties decided by rounding) and loads the very same
-state dict into our model, so every stage can be compared with the reference.
-"""
+"""Shared fixtures (helpers live in tests/helpers.py): a paired HF/our tiny model per config,
+and a tiny HF `save_pretrained` directory for runner/engine/server tests."""
 from __future__ import annotations
 
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from stage1_model.config import ModelConfig  # noqa: E402
-from stage1_model.weights import build_model  # noqa: E402
+from helpers import TINY_CONFIGS, make_hf, make_pair  # noqa: E402
 
-TINY_CONFIGS = {
-    "gqa2-tied": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                             tie_word_embeddings=True, max_position_embeddings=2048),
-    "gqa4-untied": ModelConfig(vocab_size=384, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
-                               num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                               tie_word_embeddings=False, max_position_embeddings=2048, rope_theta=10000.0),
-    "mha-hd8": ModelConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=3, num_key_value_heads=3, head_dim=8,
-                           tie_word_embeddings=False, max_position_embeddings=2048),
-}
-
-
-def hf_config(cfg: ModelConfig):
-    from transformers import Qwen3Config
-    return Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items()
-                          if k not in ("architectures", "model_type", "torch_dtype")},
-                       attn_implementation="eager")
-
-
-def make_hf(cfg: ModelConfig, seed: int = 0):
-    from transformers import Qwen3ForCausalLM as HFQwen3
-    torch.manual_seed(seed)
-    hf = HFQwen3(hf_config(cfg)).float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:       # non-trivial norm weights, so a missed norm is caught
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
-        if not cfg.tie_word_embeddings:
-            hf.lm_head.weight.mul_(4.0)   # decisive argmaxes
-    return hf
-
-
-def make_pair(cfg: ModelConfig, seed: int = 0):
-    hf = make_hf(cfg, seed)
-    ours = build_model(cfg, torch.float32, "cpu")
-    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
-    assert not unexpected and all("rope" in m for m in missing), (missing, unexpected)
-    return hf, ours
 
 
 @pytest.fixture(params=list(TINY_CONFIGS), scope="module")
@@ -64,20 +17,6 @@ def tiny_pair(request):
     cfg = TINY_CONFIGS[request.param]
     hf, ours = make_pair(cfg)
     return cfg, hf, ours
-
-
-def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.inference_mode()
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    # An explicit mask: otherwise HF infers one from pad_token_id and hides prompt tokens equal to it.
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                      do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="session")
@@ -88,16 +27,3 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-qwen3")
     hf.save_pretrained(path)
     return path, hf, cfg
-
-
-def make_runner(path, **kw):
-    from stage2_runner.model_runner import ModelRunner
-    kw.setdefault("max_total_tokens", 4096)
-    kw.setdefault("device", "cpu")
-    return ModelRunner(model=str(path), **kw)
-
-
-def assert_no_leak(runner, cache=None):
-    """DESIGN.md §5: free + cache-held == pool size once nothing runs."""
-    held = 0 if cache is None else cache.evictable_size() + cache.protected_size()
-    assert runner.pool.allocator.available_size() + held == runner.pool.size

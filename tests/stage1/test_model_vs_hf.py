@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts
+from helpers import hf_greedy, random_prompts
 from stage1_model.generate import forward_logits, generate
 
 pytestmark = pytest.mark.stage1

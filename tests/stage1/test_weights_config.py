@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIGS, make_hf, random_prompts
+from helpers import TINY_CONFIGS, make_hf, random_prompts
 from stage1_model.config import ConfigError, load_config
 from stage1_model.generate import forward_logits
 from stage1_model.weights import WeightError, load_model

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import assert_no_leak, hf_greedy, make_runner, random_prompts
+from helpers import assert_no_leak, hf_greedy, make_runner, random_prompts
 from stage1_model.generate import forward_logits, generate
 from stage2_runner.batch_generate import batch_generate
 from stage2_runner.kv_cache import OutOfSlots, SlotAllocator

@@ -248,7 +248,7 @@ def test_decode_is_cuda_graph_capturable():
 @needs_cuda
 @pytest.mark.parametrize("page", [1, 16])
 def test_runner_triton_equals_torch_fp32(tiny_model_dir, page):
-    from conftest import make_runner, random_prompts
+    from helpers import make_runner, random_prompts
     from stage2_runner.batch_generate import batch_generate
     path, _, cfg = tiny_model_dir
     cases = [(random_prompts(cfg.vocab_size, [1, 5, 17, 40, 90], seed=31), None),
@@ -266,7 +266,7 @@ def test_runner_triton_equals_torch_fp32(tiny_model_dir, page):
 @pytest.mark.gpu
 @needs_cuda
 def test_runner_triton_close_to_torch_bf16(tiny_model_dir):
-    from conftest import make_runner, random_prompts
+    from helpers import make_runner, random_prompts
     from stage2_runner.batch_generate import batch_generate
     path, _, cfg = tiny_model_dir
     prompts = random_prompts(cfg.vocab_size, [3, 20, 64, 130], seed=32)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import random_prompts
+from helpers import random_prompts
 from stage3_scheduler import plot_trace
 from stage3_scheduler.engine import Engine
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import hf_greedy, random_prompts
+from helpers import hf_greedy, random_prompts
 from stage1_model.generate import generate
 from stage3_scheduler.engine import Engine
 

@@ -1,7 +1,7 @@
 """Stop conditions, parameter validation, policies."""
 import pytest
 
-from conftest import random_prompts
+from helpers import random_prompts
 from stage3_scheduler.engine import Engine
 from stage3_scheduler.policy import CacheAwarePolicy, FifoPolicy
 from stage3_scheduler.request import Req
