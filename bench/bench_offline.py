@@ -34,7 +34,10 @@ FIRST_SPECIAL_ID = 151643            # random prompts stay below Qwen's special 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = lambda name, **kw: ap.add_argument(name, name.replace("_", "-"), **kw)  # noqa: E731
+
+    def add(name: str, **kw) -> None:          # accept --flag_name and --flag-name
+        ap.add_argument(*dict.fromkeys([name, name.replace("_", "-")]), **kw)
+
     add("--model", default="demo", help="'demo', a local HF Qwen3 directory, or configs/<name>")
     add("--load_format", default="auto", choices=["auto", "dummy"])
     add("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -137,7 +140,8 @@ def free_memory() -> None:
 
 # ---- the HF baseline ------------------------------------------------------------------
 def weights_fingerprint(model) -> float:
-    return float(sum(p.detach().double().sum() for p in model.parameters()))
+    """Sum of every weight in float64 (no float64 copy of the tensors is made)."""
+    return float(sum(p.detach().sum(dtype=torch.float64) for p in model.parameters()))
 
 
 def build_hf(args, device, dtype):
