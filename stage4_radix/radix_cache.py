@@ -50,41 +50,32 @@ class RadixCache:
 
     # ---- protocol -------------------------------------------------------------------
     def match_prefix(self, token_ids: list[int]) -> tuple[torch.Tensor, Node]:
-        P = self.page_size
-        tokens = list(token_ids[: len(token_ids) // P * P])
+        """Longest cached prefix of token_ids (whole pages): its slots [n] and its last node."""
+        tokens = list(token_ids[: len(token_ids) // self.page_size * self.page_size])
         node, i, values = self.root, 0, []
         node.last_access = next(self._clock)
-        while i < len(tokens) and (child := node.children.get(tuple(tokens[i:i + P]))) is not None:
-            m = self._common_len(child.key, tokens, i)      # >= P: the first page matched
-            if m < len(child.key):
-                child = self._split(child, m)
-            node, i = child, i + m
-            node.last_access = next(self._clock)
-            values.append(node.value)
+        while i < len(tokens) and (child := self._descend(node, tokens, i)) is not None:
+            node, i = child, i + len(child.key)
+            values.append(child.value)
         slots = torch.cat(values) if values else torch.empty(0, dtype=torch.int64)
         return slots, node
 
     def insert(self, token_ids: list[int], slots: torch.Tensor) -> int:
-        P = self.page_size
-        tokens = list(token_ids)
+        """Cache tokens -> slots; returns n, the length that was cached already (slots[:n] not taken)."""
+        P, tokens = self.page_size, list(token_ids)
         assert len(tokens) % P == 0, f"insert: {len(tokens)} tokens is not a whole number of pages ({P})"
         assert len(slots) == len(tokens), f"insert: {len(tokens)} tokens but {len(slots)} slots"
         node, i = self.root, 0
         node.last_access = next(self._clock)
-        while i < len(tokens):
-            child = node.children.get(tuple(tokens[i:i + P]))
-            if child is None:                               # the rest is new: one new leaf
-                leaf = Node(tokens[i:], slots[i:].to(torch.int64).clone(), node)
-                leaf.last_access = next(self._clock)
-                node.children[tuple(leaf.key[:P])] = leaf
-                self._evictable += len(leaf.key)
-                return i
-            m = self._common_len(child.key, tokens, i)
-            if m < len(child.key):
-                child = self._split(child, m)
-            node, i = child, i + m
-            node.last_access = next(self._clock)
-        return i                                            # everything was cached already
+        while i < len(tokens) and (child := self._descend(node, tokens, i)) is not None:
+            node, i = child, i + len(child.key)
+        if i < len(tokens):                     # the rest is new: one new leaf owns slots[i:]
+            # clone: slots is often a view into a request's tensor; the tree keeps its own.
+            leaf = Node(tokens[i:], slots[i:].to(torch.int64).clone(), node)
+            leaf.last_access = next(self._clock)
+            node.children[tuple(leaf.key[:P])] = leaf
+            self._evictable += len(leaf.key)
+        return i
 
     def lock(self, node: Node | None) -> None:
         while node is not None and node is not self.root:
@@ -105,8 +96,7 @@ class RadixCache:
 
     def evict(self, num_tokens: int) -> int:
         """Free unlocked leaves, oldest first, until num_tokens slots are freed (or none is left)."""
-        heap = [(n.last_access, n.id, n) for n in self._nodes() if not n.children and n.lock_ref == 0
-                and n is not self.root]
+        heap = [(n.last_access, n.id, n) for n in self._nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:
@@ -133,8 +123,22 @@ class RadixCache:
         self._new_root()
 
     # ---- tree surgery ---------------------------------------------------------------
+    def _descend(self, node: Node, tokens: list[int], i: int) -> Node | None:
+        """The child of node that continues tokens[i:], split so that it ends within the
+        match (its whole key matches); None if no child starts with the next page."""
+        child = node.children.get(tuple(tokens[i:i + self.page_size]))
+        if child is None:
+            return None
+        m = self._common_len(child.key, tokens, i)          # >= one page: the first page matched
+        if m < len(child.key):
+            child = self._split(child, m)
+        child.last_access = next(self._clock)
+        return child
+
     def _common_len(self, key: list[int], tokens: list[int], start: int) -> int:
         """Length of the common prefix of key and tokens[start:], in whole pages."""
+        if key == tokens[start:start + len(key)]:           # the usual case, compared in C
+            return len(key)
         P, n, m = self.page_size, min(len(key), len(tokens) - start), 0
         while m + P <= n and key[m:m + P] == tokens[start + m:start + m + P]:
             m += P
@@ -192,7 +196,7 @@ class RadixCache:
     def _check_partition(self, pool_size: int, cached: set[int], running_slots) -> None:
         P = self.page_size
         free = list(self.allocator._free_pages)        # stage 2 keeps page ids; read-only peek
-        running = [p for t in running_slots for p in {int(s) // P for s in _as_list(t)}]   # each request's pages
+        running = [p for t in running_slots for p in {int(s) // P for s in _as_list(t)}]   # per request
         _check(len(set(free)) == len(free), "a page is on the free list twice")
         _check(len(set(running)) == len(running), "two running requests own the same page")
         owners = [set(free), cached, set(running)]
@@ -207,20 +211,20 @@ class RadixCache:
         toks = decode(node.key) if decode else " ".join(map(str, node.key[:width])) + \
             (f" ... ({len(node.key)} tokens)" if len(node.key) > width else "")
         s = node.value.tolist()
-        where = f"{s[0]}..{s[-1]}" if s == list(range(s[0], s[0] + len(s))) else " ".join(map(str, s[:width]))
+        where = f"{s[0]}..{s[-1]}" if len(s) > 1 and s == list(range(s[0], s[0] + len(s))) else \
+            " ".join(map(str, s[:width])) + (" ..." if len(s) > width else "")
         return f"[{toks}] slots {where}" + (f" lock {node.lock_ref}" if node.lock_ref else "")
 
     def pretty(self, decode=None) -> str:
         """Draw the tree, one node per line. decode: optional tokens -> str (e.g. tokenizer.decode)."""
-        lines = [self._label(self.root)]
-        stack = [(c, "", i == len(self.root.children) - 1) for i, c in enumerate(self.root.children.values())]
-        stack.reverse()
+        lines, stack = [], [(self.root, "", "")]      # (node, its line's prefix, its children's indent)
         while stack:
-            node, indent, last = stack.pop()
-            lines.append(indent + ("└── " if last else "├── ") + self._label(node, decode))
+            node, head, indent = stack.pop()
+            lines.append(head + self._label(node, decode))
             kids = list(node.children.values())
-            sub = indent + ("    " if last else "│   ")
-            stack.extend((c, sub, i == len(kids) - 1) for i, c in reversed(list(enumerate(kids))))
+            for i, child in reversed(list(enumerate(kids))):   # reversed: the first child pops first
+                last = i == len(kids) - 1
+                stack.append((child, indent + ("└── " if last else "├── "), indent + ("    " if last else "│   ")))
         return "\n".join(lines)
 
     __str__ = pretty

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: one thread is faster than two fighting over a small, busy CPU.
+torch.set_num_threads(1)
 
 from helpers import TINY_CONFIGS, make_hf, make_pair  # noqa: E402
 
