@@ -1,0 +1,123 @@
+"""Server flags: one `ServerArgs` dataclass, parsed from argv by `parse_args`.
+
+Every flag is accepted as `--flag_name` and `--flag-name` (SGLang users type both), and a
+few SGLang spellings are aliases (`--model-path`, `--tp-size`, `--mem-fraction-static`,
+`--random-seed`). Engine defaults are read from the engine's own dataclasses, so
+`--help` shows the real values and nothing is written down twice.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+import torch
+
+from stage2_runner.model_runner import RunnerArgs
+from stage3_scheduler.scheduler import SchedulerArgs
+
+POLICY_ALIASES = {"fcfs": "fifo", "lpm": "cache_aware"}     # SGLang's names for our policies
+
+
+@dataclass
+class ServerArgs:
+    model: str = "demo"
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"                 # loopback: never all interfaces by default
+    port: int = 30000
+    api_key: str | None = None
+    log_level: str = "info"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = RunnerArgs.dtype
+    load_format: str = RunnerArgs.load_format
+    tp: int = 1
+    attention_backend: str | None = None
+    page_size: int = RunnerArgs.page_size
+    gpu_memory_utilization: float = RunnerArgs.gpu_memory_utilization
+    cpu_kv_cache_gb: float = RunnerArgs.cpu_kv_cache_gb
+    max_total_tokens: int | None = None
+    max_running_requests: int = RunnerArgs.max_running_requests
+    context_length: int | None = None
+    chunked_prefill_size: int = SchedulerArgs.chunked_prefill_size
+    max_prefill_tokens: int = SchedulerArgs.max_prefill_tokens
+    schedule_policy: str = SchedulerArgs.schedule_policy
+    disable_radix_cache: bool = False
+    disable_cuda_graph: bool = False
+    disable_overlap: bool = False
+    seed: int = RunnerArgs.seed
+    trace_path: str | None = None
+
+    def engine_options(self) -> dict:
+        """Keyword arguments for the stage Engine (RunnerArgs + SchedulerArgs fields)."""
+        opts = dict(model=self.model, device=self.device, dtype=self.dtype, load_format=self.load_format,
+                    attention_backend={"fa3": "fa"}.get(self.attention_backend, self.attention_backend),
+                    page_size=self.page_size, gpu_memory_utilization=self.gpu_memory_utilization,
+                    cpu_kv_cache_gb=self.cpu_kv_cache_gb, max_total_tokens=self.max_total_tokens,
+                    max_running_requests=self.max_running_requests, context_length=self.context_length,
+                    seed=self.seed, chunked_prefill_size=self.chunked_prefill_size,
+                    max_prefill_tokens=self.max_prefill_tokens, schedule_policy=self.schedule_policy,
+                    trace_path=self.trace_path, disable_radix_cache=self.disable_radix_cache)
+        # Stage-5 knobs travel only when they ask for something beyond the defaults.
+        extra = dict(tp=self.tp, disable_cuda_graph=self.disable_cuda_graph, disable_overlap=self.disable_overlap)
+        opts.update({k: v for k, v in extra.items() if v not in (1, False)})
+        return opts
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["api_key"] = None if self.api_key is None else "***"     # never echo the secret
+        return d
+
+
+def _flag(parser, name: str, *aliases: str, **kw) -> None:
+    names = []
+    for n in (name, *aliases):
+        names += [f"--{n}"] + ([f"--{n.replace('_', '-')}"] if "_" in n else [])
+    parser.add_argument(*names, dest=name, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerArgs()
+    p = argparse.ArgumentParser(
+        prog="mini-sglang serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve a Qwen3 model with SGLang's native and OpenAI-compatible HTTP APIs.")
+    g = p.add_argument_group("model")
+    _flag(g, "model", "model_path", default=d.model, help="'demo', a local Hugging Face Qwen3 directory, or a Hub id")
+    _flag(g, "served_model_name", default=None, help="model name in /v1 answers (default: --model)")
+    _flag(g, "load_format", default=d.load_format, choices=["auto", "dummy"], help="dummy: random weights")
+    _flag(g, "dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+          help="auto: bfloat16 on GPU, float32 on CPU")
+    _flag(g, "context_length", type=int, default=None, help="cap on prompt + output tokens (default: the model's)")
+    g = p.add_argument_group("HTTP")
+    _flag(g, "host", default=d.host, help="interface to bind (0.0.0.0 exposes the server to the network)")
+    _flag(g, "port", type=int, default=d.port)
+    _flag(g, "api_key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    _flag(g, "log_level", default=d.log_level, type=str.lower, choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("runtime")
+    _flag(g, "device", default=d.device, choices=["cuda", "cpu"])
+    _flag(g, "tp", "tp_size", type=int, default=d.tp, help="tensor-parallel GPUs (needs stage 5)")
+    _flag(g, "attention_backend", default=None, choices=["torch", "triton", "fa", "fa3"],
+          help="default: triton on GPU, torch on CPU (fa3 = fa)")
+    _flag(g, "page_size", type=int, default=d.page_size, help="KV slots per page")
+    _flag(g, "gpu_memory_utilization", "mem_fraction_static", type=float, default=d.gpu_memory_utilization,
+          help="fraction of GPU memory for weights + KV cache")
+    _flag(g, "cpu_kv_cache_gb", type=float, default=d.cpu_kv_cache_gb, help="KV cache size on CPU")
+    _flag(g, "max_total_tokens", type=int, default=None, help="fix the KV pool size in tokens (default: from memory)")
+    _flag(g, "max_running_requests", type=int, default=d.max_running_requests)
+    _flag(g, "disable_cuda_graph", action="store_true")
+    _flag(g, "disable_overlap", action="store_true", help="no overlap scheduling")
+    _flag(g, "seed", "random_seed", type=int, default=d.seed)
+    g = p.add_argument_group("scheduler")
+    _flag(g, "schedule_policy", default=d.schedule_policy, choices=["fifo", "cache_aware", *POLICY_ALIASES])
+    _flag(g, "chunked_prefill_size", type=int, default=d.chunked_prefill_size, help="<= 0: no chunking")
+    _flag(g, "max_prefill_tokens", type=int, default=d.max_prefill_tokens, help="new tokens per extend batch")
+    _flag(g, "disable_radix_cache", action="store_true", help="no prefix cache")
+    _flag(g, "trace_path", default=None, help="write one JSON line per scheduler step here")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    ns = build_parser().parse_args(argv)
+    args = ServerArgs(**vars(ns))
+    args.schedule_policy = POLICY_ALIASES.get(args.schedule_policy, args.schedule_policy)
+    if not (1 <= args.port <= 65535):
+        raise SystemExit(f"--port must be in [1, 65535], got {args.port}")
+    return args

@@ -1,0 +1,105 @@
+"""Every message that crosses a process boundary, as typed msgspec Structs in msgpack.
+
+    TokenizerManager --GenerateReq/AbortReq/FlushCacheReq/StatsReq--> scheduler
+    scheduler        --BatchTokenOut-------------------------------> detokenizer
+    detokenizer      --BatchStrOut---------------------------------> TokenizerManager
+    scheduler        --FlushCacheOut/StatsOut----------------------> TokenizerManager
+    child process    --Ready (over its start-up pipe)--------------> launcher
+
+Decoding is typed: each receiver's decoder accepts only the union of structs it expects,
+so a malformed or foreign message raises a decode error instead of becoming an object.
+Nothing here is ever pickled (pickle over a socket is remote code execution).
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class GenerateReq(msgspec.Struct, tag=True):
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any]       # validated SamplingParams.to_dict()
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+
+
+class AbortReq(msgspec.Struct, tag=True):
+    rid: str
+
+
+class FlushCacheReq(msgspec.Struct, tag=True):
+    query_id: str
+
+
+class StatsReq(msgspec.Struct, tag=True):
+    query_id: str
+
+
+class FlushCacheOut(msgspec.Struct, tag=True):
+    query_id: str
+    success: bool
+
+
+class StatsOut(msgspec.Struct, tag=True):
+    query_id: str
+    stats: dict[str, Any]
+
+
+class DetokParams(msgspec.Struct):
+    """How to turn a request's tokens into text; sent once, with its first output."""
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    stop: list[str] = []
+
+
+class TokenOut(msgspec.Struct):
+    rid: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[tuple[float, int]] = []                 # (logprob, id) per new token
+    top_logprobs: list[list[tuple[float, int]]] = []       # per new token, when asked for
+    params: DetokParams | None = None
+
+
+class BatchTokenOut(msgspec.Struct, tag=True):
+    outs: list[TokenOut]
+
+
+class StrOut(msgspec.Struct):
+    rid: str
+    text: str                              # new text since the previous StrOut of this rid
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[tuple[float, int]] = []
+    top_logprobs: list[list[tuple[float, int]]] = []
+
+
+class BatchStrOut(msgspec.Struct, tag=True):
+    outs: list[StrOut]
+
+
+class Ready(msgspec.Struct, tag=True):
+    """A child's start-up report: `info` (model facts) on success, `error` on failure."""
+    who: str
+    info: dict[str, Any] = {}
+    error: str | None = None
+
+
+ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, StatsReq]
+ToTokenizer = Union[BatchStrOut, FlushCacheOut, StatsOut]
+
+encode = msgspec.msgpack.Encoder().encode
+scheduler_decoder = msgspec.msgpack.Decoder(ToScheduler)
+detokenizer_decoder = msgspec.msgpack.Decoder(BatchTokenOut)
+tokenizer_decoder = msgspec.msgpack.Decoder(ToTokenizer)
+ready_decoder = msgspec.msgpack.Decoder(Ready)

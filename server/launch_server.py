@@ -1,0 +1,190 @@
+"""`python -m server.launch_server --model demo --device cpu`: start every process, then serve.
+
+    launcher (this process) --spawn--> scheduler process     (loads the model: slow)
+                            --spawn--> detokenizer process   (loads the tokenizer)
+    waits for both "ready" reports, then runs FastAPI on uvicorn in this process.
+
+So no request is accepted before the model is loaded. A watchdog thread polls the children:
+if one dies, the server logs which one and its exit code, stops, and exits with code 1; it
+never hangs. SIGINT/SIGTERM stop the HTTP server and then every child; the private ZMQ
+directory is removed on the way out.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from server import io_struct as io
+from server.args import ServerArgs, parse_args
+from server.ipc import Endpoints
+
+log = logging.getLogger("server")
+START_TIMEOUT_S = 1800          # big checkpoints load slowly; a dead child is noticed at once
+
+
+class Shutdown(Exception):
+    """SIGINT/SIGTERM outside uvicorn (while starting, or re-raised after it stopped)."""
+
+
+def setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(level=level.upper(), force=True, datefmt="%H:%M:%S",
+                        format=f"%(asctime)s [{name}] %(levelname)s %(name)s: %(message)s")
+
+
+def child_setup(name: str, level: str) -> None:
+    """In each child: Ctrl-C reaches the whole process group, but only the launcher acts on it;
+    the launcher's SIGTERM ends the child through a normal interpreter exit (clean-up runs)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    setup_logging(level, name)
+    try:                                 # name the process for ps/top (Linux; 15 chars at most)
+        with open("/proc/self/comm", "w") as f:
+            f.write(f"mini::{name}"[:15])
+    except OSError:
+        pass
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail in a second, not after loading the model, when the port is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SystemExit(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+class Children:
+    """The scheduler and detokenizer processes, each with a one-way pipe for its ready report."""
+
+    def __init__(self):
+        self.ctx = mp.get_context("spawn")        # fresh interpreters: no forked CUDA or thread state
+        self.procs: dict[str, mp.Process] = {}
+        self.pipes = {}
+        self.stopping = False
+
+    def spawn(self, name: str, target, *args) -> None:
+        recv, send = self.ctx.Pipe(duplex=False)
+        # Not daemonic: a stage-5 scheduler starts processes of its own (one per TP rank).
+        proc = self.ctx.Process(target=target, name=f"mini-sglang-{name}", args=(*args, send, os.getpid()))
+        proc.start()
+        send.close()                              # the child holds the only write end now
+        self.procs[name], self.pipes[name] = proc, recv
+
+    def wait_ready(self, name: str) -> dict:
+        """Block until the child reports; its error (or death) becomes a SystemExit."""
+        deadline, pipe, proc = time.monotonic() + START_TIMEOUT_S, self.pipes[name], self.procs[name]
+        while time.monotonic() < deadline:
+            if pipe.poll(0.2):
+                try:
+                    msg = io.ready_decoder.decode(pipe.recv_bytes())
+                except EOFError:                  # it died before writing anything
+                    proc.join(5)
+                    raise SystemExit(f"{name} process died while starting (exit code {proc.exitcode})") from None
+                if msg.error:
+                    raise SystemExit(f"{name} process failed to start: {msg.error}")
+                return msg.info
+            if not proc.is_alive():
+                raise SystemExit(f"{name} process died while starting (exit code {proc.exitcode})")
+        raise SystemExit(f"{name} process did not become ready in {START_TIMEOUT_S} s")
+
+    def dead(self) -> list[str]:
+        return [f"the {n} process died (exit code {p.exitcode})" for n, p in self.procs.items() if not p.is_alive()]
+
+    def stop(self) -> None:
+        self.stopping = True
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs.values():
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(1)
+
+
+def watchdog(children: Children, server, state: dict) -> None:
+    """Poll the children; a dead one stops the server (exit code 1), with a hard fallback."""
+    while not children.stopping:
+        dead = children.dead()
+        if dead and not children.stopping:      # (a child we are stopping is not a crash)
+            log.error("%s; shutting the server down (exit code 1)", ", ".join(dead))
+            state["exit_code"] = 1
+            server.should_exit = True
+            time.sleep(15)                      # uvicorn should be gone by now; if not, force it
+            log.error("graceful shutdown timed out; exiting")
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _raise_shutdown(signum, frame):
+    raise Shutdown(signal.Signals(signum).name)
+
+
+def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
+    """Spawn scheduler + detokenizer, load the tokenizer meanwhile, wait until both are ready."""
+    from server.detokenizer import run_detokenizer_process
+    from server.scheduler_process import run_scheduler_process
+    from server.tokenizer_manager import TokenizerManager
+    from stage1_model.model_source import resolve_model_path, tokenizer_dir
+    from stage1_model.tokenizer import load_tokenizer
+
+    model_path = str(resolve_model_path(args.model))     # the demo model is written here, once
+    children.spawn("scheduler", run_scheduler_process, args, endpoints)
+    children.spawn("detokenizer", run_detokenizer_process, args, model_path, endpoints)
+    log.info("loading %s on %s (scheduler process)", args.model, args.device)
+    tokenizer = load_tokenizer(tokenizer_dir(Path(model_path)))
+    info = children.wait_ready("scheduler")
+    children.wait_ready("detokenizer")
+    log.info("model loaded: %d KV token slots, context length %d", info["max_total_tokens"], info["context_length"])
+    return TokenizerManager(tokenizer, endpoints, info)
+
+
+def serve_http(args: ServerArgs, tm, children: Children, state: dict) -> None:
+    import uvicorn
+
+    from server.http_server import HTTPServer, build_app
+    config = uvicorn.Config(build_app(tm, args), host=args.host, port=args.port, log_level=args.log_level,
+                            log_config=None, access_log=args.log_level == "debug", timeout_graceful_shutdown=3)
+    server = HTTPServer(config, tm)
+    threading.Thread(target=watchdog, args=(children, server, state), daemon=True, name="watchdog").start()
+    server.run()
+
+
+def launch_server(args: ServerArgs) -> int:
+    """Run the server until a signal or a crash; return the exit code (0: stopped cleanly)."""
+    setup_logging(args.log_level, "server")
+    check_port(args.host, args.port)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_shutdown)
+    endpoints, children, state = Endpoints.create(), Children(), {"exit_code": 0}
+    try:
+        serve_http(args, start_backend(args, endpoints, children), children, state)
+    except Shutdown as e:
+        log.info("received %s; shutting down", e)
+    except SystemExit as e:                     # a start-up failure (message) or uvicorn's exit code
+        state["exit_code"] = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int):
+            log.error("%s", e.code)
+    except (FileNotFoundError, ValueError) as e:  # e.g. no such model: a message, not a traceback
+        log.error("%s", e)
+        state["exit_code"] = 1
+    finally:
+        children.stop()
+        endpoints.remove()
+    return state["exit_code"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(launch_server(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

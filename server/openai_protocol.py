@@ -1,0 +1,116 @@
+"""OpenAI request bodies -> SamplingParams, checked field by field (400 on anything wrong).
+
+    completion_params(body, vocab) / chat_params(body, vocab, prompt_len, ctx) -> SamplingParams
+    chat_messages(body) -> [{"role", "content"}] ready for the chat template
+
+OpenAI names map to SGLang's (`max_tokens` -> `max_new_tokens`, `min_tokens` ->
+`min_new_tokens`); SGLang's extra sampling fields (top_k, min_p, repetition_penalty,
+ignore_eos, stop_token_ids, skip_special_tokens, no_stop_trim) are accepted too, since
+SGLang's bench_serving and users send them. Features this server does not have (tools,
+logit_bias, structured output, top_logprobs) are refused with a 400, never silently ignored.
+"""
+from __future__ import annotations
+
+from server.validation import BadRequest
+from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
+
+PASS_THROUGH = ["temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
+                "no_stop_trim", "seed", "n"]
+UNSUPPORTED = ["logit_bias", "suffix", "tools", "functions", "regex", "json_schema", "ebnf"]
+RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def get(body: dict, name: str, types, default=None):
+    """body[name] if it has one of `types` (bools are not numbers); null means the default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise BadRequest(f"{name}: must be {' or '.join(t.__name__ for t in types)} (got {value!r})")
+    return value
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise BadRequest(f"{name}: not supported by this server")
+    rf = body.get("response_format")
+    if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise BadRequest("response_format: only {\"type\": \"text\"} is supported")
+    best_of = get(body, "best_of", int, 1)
+    if best_of not in (1, get(body, "n", int, 1)):
+        raise BadRequest("best_of: must equal n (no server-side ranking)")
+
+
+def _params(body: dict, vocab_size: int, max_tokens: int) -> SamplingParams:
+    d = {k: body[k] for k in PASS_THROUGH if body.get(k) is not None}
+    d["max_new_tokens"] = max_tokens
+    if body.get("min_tokens") is not None:
+        d["min_new_tokens"] = body["min_tokens"]
+    try:
+        return SamplingParams.from_dict(d, vocab_size)
+    except InvalidParams as e:
+        msg = str(e)
+        for ours, theirs in RENAMED.items():
+            msg = msg.replace(ours, theirs)
+        raise BadRequest(msg) from None
+
+
+def completion_params(body: dict, vocab_size: int) -> SamplingParams:
+    _refuse_unsupported(body)
+    if get(body, "logprobs", int) not in (None, 0):
+        raise BadRequest("logprobs: only 0 (the chosen token's logprob) is supported")
+    return _params(body, vocab_size, get(body, "max_tokens", int, 16))     # OpenAI's default is 16
+
+
+def chat_params(body: dict, vocab_size: int, prompt_len: int, context_length: int) -> SamplingParams:
+    _refuse_unsupported(body)
+    if get(body, "top_logprobs", int, 0):
+        raise BadRequest("top_logprobs: not supported; use logprobs: true for the chosen tokens")
+    # No max_tokens: the rest of the context, as SGLang does.
+    limit = get(body, "max_completion_tokens", int) or get(body, "max_tokens", int)
+    return _params(body, vocab_size, limit if limit is not None else max(context_length - prompt_len, 0))
+
+
+def completion_prompts(body: dict) -> list:
+    """`prompt` as a list of str or list[int]: a string, strings, token ids or lists of ids."""
+    p = body.get("prompt")
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p:
+        if all(isinstance(x, str) for x in p):
+            return p
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            return [p]
+        if all(isinstance(x, list) for x in p):
+            return p
+    raise BadRequest("prompt: must be a non-empty string, list of strings, list of token ids, or list of those")
+
+
+def _text_of(content, i: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequest(f"messages[{i}].content: must be a string or a list of text parts")
+
+
+def chat_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("messages: must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}]: must be an object with a string 'role'")
+        if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
+            raise BadRequest(f"messages[{i}].role: unknown role {m['role']!r}")
+        out.append({"role": m["role"], "content": _text_of(m.get("content"), i)})
+    return out

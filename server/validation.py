@@ -1,0 +1,135 @@
+"""Checking a native `/generate` body before anything reaches the scheduler.
+
+    parse_generate(body, vocab_size) -> GenerateBatch      or raises BadRequest("what is wrong")
+
+Everything a client controls is checked here, by type and range: prompts (text or token ids,
+one or a batch), sampling params (stage 3's `SamplingParams.from_dict`, which also catches
+NaN), logprob options, rids. Length checks that need token counts (prompt + max_new_tokens
+vs. the context) run after tokenization, in `check_length`. Unknown top-level fields are
+ignored, as SGLang's dataclass parsing ignores them; unknown sampling params are errors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
+
+MAX_BATCH, MAX_TOP_LOGPROBS = 1024, 20
+
+
+class BadRequest(ValueError):
+    """A client error; the HTTP layer answers 400 with this message."""
+
+
+@dataclass
+class GenerateBatch:
+    prompts: list                          # each a str (text) or list[int] (input_ids)
+    params: list[SamplingParams]           # one per prompt
+    rids: list[str | None]
+    is_batch: bool                         # the client sent a list: answer with a list
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+
+
+def _expect(ok: bool, msg: str) -> None:
+    if not ok:
+        raise BadRequest(msg)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_ids(ids, vocab_size: int, name: str = "input_ids") -> list[int]:
+    _expect(isinstance(ids, list) and len(ids) > 0, f"{name}: must be a non-empty list of token ids")
+    for t in ids:
+        _expect(_is_int(t), f"{name}: token ids must be integers (got {t!r})")
+        _expect(0 <= t < vocab_size, f"{name}: token id {t} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def _prompts(body: dict, vocab_size: int) -> tuple[list, bool]:
+    text, ids = body.get("text"), body.get("input_ids")
+    _expect((text is None) != (ids is None), "exactly one of 'text' or 'input_ids' is required")
+    if text is not None:
+        if isinstance(text, str):
+            text, single = [text], True
+        else:
+            _expect(isinstance(text, list) and len(text) > 0, "text: must be a string or a non-empty list of strings")
+            single = False
+        for t in text:
+            _expect(isinstance(t, str), f"text: must be a string (got {type(t).__name__})")
+            _expect(len(t) > 0, "text: the prompt is empty")
+        return text, single
+    _expect(isinstance(ids, list) and len(ids) > 0, "input_ids: must be a non-empty list")
+    if all(isinstance(x, list) for x in ids):
+        return [check_ids(x, vocab_size) for x in ids], False
+    return [check_ids(ids, vocab_size)], True
+
+
+def _sampling(raw, count: int, vocab_size: int) -> list[SamplingParams]:
+    if raw is None or isinstance(raw, dict):
+        raw = [raw] * count
+    _expect(isinstance(raw, list) and len(raw) == count,
+            f"sampling_params: must be an object, or a list with one object per prompt ({count})")
+    out = []
+    for p in raw:
+        _expect(p is None or isinstance(p, dict), "sampling_params: must be an object")
+        try:
+            out.append(SamplingParams.from_dict(p, vocab_size))
+        except InvalidParams as e:
+            raise BadRequest(f"sampling_params.{e}") from None
+    return out
+
+
+def _rids(raw, count: int) -> list[str | None]:
+    if raw is None:
+        return [None] * count
+    rids = [raw] if isinstance(raw, str) else raw
+    _expect(isinstance(rids, list) and len(rids) == count and all(isinstance(r, str) and r for r in rids),
+            f"rid: must be a non-empty string per prompt ({count})")
+    _expect(len(set(rids)) == len(rids), "rid: duplicate request ids")
+    return rids
+
+
+def _flag(body: dict, name: str, default=False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, list) and value and all(isinstance(v, bool) for v in value):
+        value = any(value)            # SGLang allows one flag per prompt; we honour it batch-wide
+    _expect(isinstance(value, bool), f"{name}: must be true or false")
+    return value
+
+
+def parse_generate(body, vocab_size: int) -> GenerateBatch:
+    _expect(isinstance(body, dict), "the request body must be a JSON object")
+    prompts, single = _prompts(body, vocab_size)
+    _expect(len(prompts) <= MAX_BATCH, f"at most {MAX_BATCH} prompts per request")
+    params = _sampling(body.get("sampling_params"), len(prompts), vocab_size)
+    top = body.get("top_logprobs_num", 0) or 0
+    _expect(_is_int(top) and 0 <= top <= MAX_TOP_LOGPROBS, f"top_logprobs_num: must be in [0, {MAX_TOP_LOGPROBS}]")
+    for name in ("lora_path", "image_data"):
+        _expect(not body.get(name), f"{name}: not supported by this server")
+    n_total = sum(p.n for p in params)
+    _expect(n_total <= MAX_BATCH, f"at most {MAX_BATCH} sequences per request (prompts x n)")
+    return GenerateBatch(prompts, params, _rids(body.get("rid"), len(prompts)),
+                         is_batch=not single or n_total > 1, stream=_flag(body, "stream"),
+                         return_logprob=_flag(body, "return_logprob"), top_logprobs_num=top,
+                         return_text_in_logprobs=_flag(body, "return_text_in_logprobs"))
+
+
+def check_length(num_prompt: int, params: SamplingParams, context_length: int, pool_size: int) -> None:
+    """Prompt + completion must fit the context, and the prompt must fit the KV pool."""
+    _expect(num_prompt > 0, "the prompt is empty after tokenization")
+    _expect(num_prompt < context_length,
+            f"the prompt has {num_prompt} tokens; the context length is {context_length} tokens")
+    total = num_prompt + params.max_new_tokens
+    _expect(total <= context_length,
+            f"the request needs {total} tokens ({num_prompt} prompt + {params.max_new_tokens} max_new_tokens), "
+            f"more than the context length of {context_length} tokens; shorten the prompt or lower "
+            "max_new_tokens")
+    _expect(num_prompt < pool_size,
+            f"the prompt has {num_prompt} tokens and cannot fit in the KV cache ({pool_size} token slots)")
