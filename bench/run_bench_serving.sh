@@ -25,7 +25,7 @@ $PY -m server.launch_server --port "$PORT" "$@" &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+  $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" 2>/dev/null && break
   kill -0 $SERVER 2>/dev/null || { echo "server died while starting" >&2; exit 1; }
   sleep 1
 done
