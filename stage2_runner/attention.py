@@ -114,12 +114,18 @@ class FlashBackend(AttentionBackend):
         log.info("fa backend runs: %s", self.impl_name)
 
     def attend(self, q, layer_id, batch):
-        rows = batch.req_pool_indices.tolist()
-        ks, vs = zip(*(self.gather(layer_id, r, n) for r, n in zip(rows, batch.seq_lens_cpu)))
-        k, v = torch.cat(ks), torch.cat(vs)
-        cu_k = torch.tensor([0] + batch.seq_lens_cpu, device=q.device).cumsum(0).int()
-        cu_q = torch.tensor([0] + batch.extend_lens_cpu, device=q.device).cumsum(0).int()
-        out = self.fn(q, k, v, cu_q, cu_k, max(batch.extend_lens_cpu), max(batch.seq_lens_cpu), self.scale)
+        # Gather every request's K/V into one packed [sum(seq_lens), KVH, D] tensor with a
+        # single index op: slot of packed key j = req_to_token[row of j, position of j].
+        dev, seq = q.device, batch.seq_lens_cpu
+        total = sum(seq)
+        cu_k = torch.tensor([0] + seq, device=dev).cumsum(0)
+        lens = batch.seq_lens.long()
+        rows = torch.repeat_interleave(batch.req_pool_indices, lens, output_size=total)
+        pos = torch.arange(total, device=dev) - torch.repeat_interleave(cu_k[:-1], lens, output_size=total)
+        slots = self.pool.req_to_token[rows, pos].long()
+        k, v = self.pool.k_buffers[layer_id][slots], self.pool.v_buffers[layer_id][slots]
+        cu_q = torch.tensor([0] + batch.extend_lens_cpu, device=dev).cumsum(0).int()
+        out = self.fn(q, k, v, cu_q, cu_k.int(), max(batch.extend_lens_cpu), max(seq), self.scale)
         return out.reshape(q.shape[0], -1)
 
 
