@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
+from stage3_scheduler.stops import ids_for_text
 from server import io_struct as io
 from server.ipc import parent_alive, pull_socket, push_socket
 from stage1_model.model_source import tokenizer_dir
@@ -54,7 +55,9 @@ class Detokenizer:
         st = self.states.get(out.rid)
         if st is None:
             st = self.states[out.rid] = DecodeState(out.params or io.DetokParams())
-        st.ids += out.new_token_ids
+        # the final chunk's matched stop token (EOS / stop_token_ids) is not text, as in SGLang
+        st.ids += ids_for_text(out.new_token_ids, st.params, out.finish_reason) if out.finished \
+            else out.new_token_ids
         self._decode_new(st, final=out.finished)
         end = self._final_end(st, out.finish_reason) if out.finished else self._safe_end(st)
         new_text = st.text[st.sent:end] if end > st.sent else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 
 import uvicorn
@@ -100,6 +101,9 @@ async def generate_stream(tm: TokenizerManager, inputs, is_batch: bool):
             yield sse(result)
     except (BadRequest, RequestFailed) as e:
         yield sse(error_body(getattr(e, "status", 400), str(e)))
+    except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
+        log.exception("stream failed")
+        yield sse(error_body(500, f"internal error: {type(e).__name__}"))
     yield SSE_DONE
 
 
@@ -127,7 +131,8 @@ def add_native_routes(app: FastAPI, tm: TokenizerManager, server_args) -> None:
         if body.get("abort_all") is True:
             rids = list(tm.states)
         else:               # a request with n > 1 runs as "<rid>-0" .. "<rid>-(n-1)"
-            rids = [body["rid"]] + [r for r in tm.states if r.startswith(body["rid"] + "-")]
+            child = re.compile(re.escape(body["rid"]) + r"-\d+")
+            rids = [body["rid"]] + [r for r in tm.states if child.fullmatch(r)]
         found = [r for r in rids if tm.abort(r)]
         return {"aborted": found}
 

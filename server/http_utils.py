@@ -41,8 +41,10 @@ async def read_json(request: Request):
     if not raw:
         raise BadRequest("the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        body = json.loads(raw)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")    # rejects lone surrogates ("\ud800")
+        return body
+    except (json.JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError, RecursionError) as e:
         raise BadRequest(f"invalid JSON: {e}") from None
 
 

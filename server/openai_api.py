@@ -10,6 +10,7 @@ Chat prompts come from the tokenizer's own chat template (add_generation_prompt=
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,8 @@ from server.openai_protocol import chat_messages, chat_params, completion_params
 from server.openai_reply import ChatReply, CompletionReply, usage
 from server.tokenizer_manager import RequestFailed, TokenizerManager
 from server.validation import BadRequest, GenerateBatch, check_ids
+
+log = logging.getLogger(__name__)
 
 BIG_CHAT_CHARS = 4096       # render long conversations in a worker thread
 
@@ -99,6 +102,9 @@ class OpenAIRoutes:
                 yield sse(reply.envelope([], usage=usage([latest[i] for i in sorted(latest)], reply.n)))
         except (BadRequest, RequestFailed) as e:
             yield sse(error_body(getattr(e, "status", 400), str(e)))
+        except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
+            log.exception("stream failed")
+            yield sse(error_body(500, f"internal error: {type(e).__name__}"))
         yield SSE_DONE
 
 

@@ -70,7 +70,9 @@ def chat_params(body: dict, vocab_size: int, prompt_len: int, context_length: in
     if get(body, "top_logprobs", int, 0):
         raise BadRequest("top_logprobs: not supported; use logprobs: true for the chosen tokens")
     # No max_tokens: the rest of the context, as SGLang does.
-    limit = get(body, "max_completion_tokens", int) or get(body, "max_tokens", int)
+    limit = get(body, "max_completion_tokens", int)
+    if limit is None:
+        limit = get(body, "max_tokens", int)
     return _params(body, vocab_size, limit if limit is not None else max(context_length - prompt_len, 0))
 
 

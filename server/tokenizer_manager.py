@@ -13,6 +13,7 @@ so the scheduler frees the request's KV slots on its next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -130,8 +131,8 @@ class TokenizerManager:
             raise BadRequest(f"rid: {inp.rid!r} is already in use")
         state = self.states[inp.rid] = ReqState(inp)
         sp = inp.params.to_dict() | {"n": 1}          # samples are separate requests here
-        self._send(io.GenerateReq(inp.rid, inp.input_ids, sp, inp.return_logprob, inp.top_logprobs_num))
         try:
+            self._send(io.GenerateReq(inp.rid, inp.input_ids, sp, inp.return_logprob, inp.top_logprobs_num))
             while not state.finished:
                 out = await state.queue.get()
                 # Coalesce what is already queued: a slow client gets fewer, bigger chunks.
@@ -144,10 +145,11 @@ class TokenizerManager:
                     raise RequestFailed(reason.get("message", "request aborted"), reason.get("status_code", 400))
                 yield self._result(state, out)
         finally:
+            self.states.pop(inp.rid, None)                # first: nothing may leave it behind
             if not state.finished:
-                self._send(io.AbortReq(inp.rid))
+                with contextlib.suppress(Exception):
+                    self._send(io.AbortReq(inp.rid))
                 log.info("request %s aborted (client gone)", inp.rid)
-            self.states.pop(inp.rid, None)
 
     def _apply(self, state: ReqState, out: io.StrOut) -> None:
         state.text += out.text

@@ -20,7 +20,7 @@ from stage3_scheduler.prefix_cache import NoPrefixCache
 from stage3_scheduler.request import Req
 from stage3_scheduler.sampling_params import SamplingParams
 from stage3_scheduler.scheduler import Scheduler, SchedulerArgs
-from stage3_scheduler.stops import trim_stop_string
+from stage3_scheduler.stops import ids_for_text, trim_stop_string
 
 _ids = itertools.count()
 
@@ -63,7 +63,8 @@ class Engine:
         return reqs, single
 
     def result(self, r: Req, t0: float) -> dict:
-        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=r.params.skip_special_tokens)
+        ids = ids_for_text(r.output_ids, r.params, r.finish_reason)
+        text = self.tokenizer.decode(ids, skip_special_tokens=r.params.skip_special_tokens)
         out = {"text": trim_stop_string(text, r, r.finish_reason), "output_ids": list(r.output_ids),
                "meta_info": {"id": r.rid, "finish_reason": r.finish_reason, "prompt_tokens": len(r.input_ids),
                              "completion_tokens": len(r.output_ids), "cached_tokens": r.cached_tokens,

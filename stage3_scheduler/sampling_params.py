@@ -91,9 +91,13 @@ def _coerce(name: str, value, typ: str):
     if typ == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidParams(f"{name}: must be a number (got {value!r})")
-        if math.isnan(value) or math.isinf(value):
+        try:
+            number = float(value)
+        except OverflowError:                # an int too big for a float
+            number = math.inf
+        if not math.isfinite(number):        # NaN fails here too
             raise InvalidParams(f"{name}: must be a finite number (got {value!r})")
-        return float(value)
+        return number
     if typ == "bool":
         if not isinstance(value, bool):
             raise InvalidParams(f"{name}: must be true or false (got {value!r})")

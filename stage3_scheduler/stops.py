@@ -47,6 +47,14 @@ def min_tokens_mask(reqs: list[Req], eos_ids: list[int]) -> list[tuple[int, list
             if len(r.output_ids) < r.params.min_new_tokens]
 
 
+def ids_for_text(output_ids: list[int], params, finish_reason: dict | None) -> list[int]:
+    """The ids whose text is returned: SGLang drops a matched stop token (EOS or one of
+    stop_token_ids) from the text unless no_stop_trim. output_ids keep it."""
+    if finish_reason and type(finish_reason.get("matched")) is int and not params.no_stop_trim:
+        return output_ids[:-1]
+    return output_ids
+
+
 def trim_stop_string(text: str, req_or_params, finish_reason: dict | None) -> str:
     """Cut the text at the matched stop string (SGLang trims unless no_stop_trim)."""
     params = getattr(req_or_params, "params", req_or_params)

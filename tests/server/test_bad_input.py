@@ -46,6 +46,12 @@ NATIVE = {
     "stream wrong type": {"text": "hi", "stream": "yes"},
     "rid wrong type": {"text": "hi", "rid": 5},
     "lora": {"text": "hi", "lora_path": "adapter"},
+    # found in review: each was a 500 (and the first left a rid stuck forever)
+    "lone surrogate rid": b'{"text": "hi", "rid": "\\ud800"}',
+    "lone surrogate text": b'{"text": "\\ud800"}',
+    "lone surrogate stop": b'{"text": "hi", "sampling_params": {"stop": ["\\ud800"]}}',
+    "int too big for a float": b'{"text": "hi", "sampling_params": {"temperature": 1' + b"0" * 400 + b"}}",
+    "deeply nested JSON": b"[" * 100000 + b"]" * 100000,
 }
 
 

@@ -117,6 +117,26 @@ def test_stop_string_trimmed_like_offline(client, offline):
     assert events[-1]["text"] == out["text"]
 
 
+def test_matched_stop_token_is_not_text(client, offline):
+    """SGLang drops a matched stop token (stop_token_ids / EOS) from the text, not from output_ids."""
+    ref = offline[PROMPTS[0]]
+    stop_id = ref["output_ids"][3]
+    first = ref["output_ids"].index(stop_id)
+    body = {"text": PROMPTS[0], "sampling_params": dict(GREEDY, stop_token_ids=[stop_id])}
+    for stream in (False, True):
+        r = client.post("/generate", json=dict(body, stream=stream))
+        out = read_sse(r)[-1] if stream else r.json()
+        assert out["output_ids"] == ref["output_ids"][:first + 1]
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
+        assert out["text"] == demo_decode(ref["output_ids"][:first])     # without the stop token
+
+
+def demo_decode(ids: list[int]) -> str:
+    from stage1_model.model_source import demo_model_dir
+    from stage1_model.tokenizer import load_tokenizer
+    return load_tokenizer(demo_model_dir()).decode(ids, skip_special_tokens=True)
+
+
 def test_rid_is_echoed(client):
     out = client.post("/generate", json={"text": "hi", "rid": "my-request-1",
                                          "sampling_params": {"max_new_tokens": 2}}).json()
