@@ -8,7 +8,8 @@
 # bench_serving.py comes from the sglang 0.4.6.post5 wheel on PyPI and is kept out of the
 # repository, in third_party/ (git-ignored). The script starts the server, waits for
 # /health, runs the client with --backend sglang and with --backend sglang-oai on the
-# random-ids dataset, and stops the server. Extra env: PORT (default 30123), IN_LEN, OUT_LEN.
+# random-ids dataset, and stops the server. Extra env: PORT (default 30123), IN_LEN, OUT_LEN,
+# RESULTS_DIR (where bench_serving appends its JSONL results; default /tmp).
 set -euo pipefail
 NUM=${1:-8}; RATE=${2:-inf}; shift 2 || true; [[ "${1:-}" == "--" ]] && shift
 PORT=${PORT:-30123}; IN_LEN=${IN_LEN:-256}; OUT_LEN=${OUT_LEN:-64}
@@ -35,5 +36,6 @@ for backend in sglang sglang-oai; do
   # --tokenizer: the served model may be a bare config dir (dummy weights) without one.
   $PY $BENCH --backend $backend --host 127.0.0.1 --port "$PORT" --dataset-name random-ids \
     --num-prompts "$NUM" --random-input-len "$IN_LEN" --random-output-len "$OUT_LEN" \
-    --random-range-ratio 0.5 --request-rate "$RATE" --tokenizer "$TOKENIZER" --seed 1
+    --random-range-ratio 0.5 --request-rate "$RATE" --tokenizer "$TOKENIZER" --seed 1 \
+    --output-file "${RESULTS_DIR:-/tmp}/bench_serving_$backend.jsonl"
 done
