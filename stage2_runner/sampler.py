@@ -98,7 +98,7 @@ def exponential_noise(shape, info: SamplingInfo, device) -> torch.Tensor:
     noise = torch.empty(shape, device=device).exponential_()
     for i, seed in enumerate(info.seeds):
         if seed is not None:
-            g = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + info.steps[i])
+            g = torch.Generator(device=device).manual_seed((int(seed) * 1_000_003 + info.steps[i]) % (1 << 64))
             noise[i] = torch.empty(shape[1], device=device).exponential_(generator=g)
     return noise
 

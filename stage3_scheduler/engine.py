@@ -57,6 +57,8 @@ class Engine:
             input_ids = [input_ids]
         plist = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
         reqs = []
+        if any(len(ids) == 0 for ids in input_ids):
+            raise ValueError("empty prompt: every request needs at least one input token")
         for ids, p in zip(input_ids, plist):
             params = p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p, self.runner.config.vocab_size)
             reqs.append(Req(f"engine-{next(_ids)}", list(ids), params, return_logprob=return_logprob))

@@ -142,6 +142,11 @@ class Scheduler:
         for r in self.policy.order(self.waiting, self.cache):
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
+            if self.pool.allocator.pages_of(r.seq_len) > self.pool.allocator.num_pages:
+                # Could never fit, even alone (chunked prefill would admit its first chunk,
+                # then wait forever for slots for the next one).
+                self._finish(r, {"type": "abort", "message": "prompt does not fit in the KV cache"}, False)
+                continue
             prefix = len(self.cache.match_prefix(r.all_ids)[0])
             if self._shares_with_batch(r, prefix, batch):
                 continue                                # next step it hits the cache instead
@@ -162,7 +167,9 @@ class Scheduler:
         Then defer it one step: that prefix is in the cache by then (SGLang does the same)."""
         if isinstance(self.cache, NoPrefixCache):
             return False
-        return any(common_prefix_len(r.all_ids, q.all_ids) - cached >= IN_BATCH_SHARE_MIN for q, _ in batch)
+        P = self.cache.page_size              # only whole pages can be shared
+        return any(common_prefix_len(r.all_ids, q.all_ids) // P * P - cached >= IN_BATCH_SHARE_MIN
+                   for q, _ in batch)
 
     def _start(self, r: Req, budget: int) -> int:
         """Move r to running: attach its cached prefix and slots for its first chunk."""

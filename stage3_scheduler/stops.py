@@ -28,8 +28,9 @@ def check_stop(req: Req, eos_ids: list[int], tokenizer, context_length: int) -> 
         if out and out[-1] in stop_token_ids(req, eos_ids):
             return {"type": "stop", "matched": out[-1]}
         if p.stop and tokenizer is not None:
-            longest = max(len(s) for s in p.stop)
-            # A token decodes to >= 1 char, so the last `longest + 8` tokens hold any match.
+            longest = max(len(s.encode("utf-8")) for s in p.stop)
+            # A token decodes to >= 1 byte (byte-level tokens may spell a character in up to
+            # 4), so the last `longest + 8` tokens hold any match.
             tail = tokenizer.decode(out[-(longest + TAIL_TOKENS):], skip_special_tokens=False)
             for s in p.stop:
                 if s in tail:

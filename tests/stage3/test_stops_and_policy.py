@@ -97,3 +97,45 @@ def test_fifo_and_cache_aware_order():
     cache = FakeCache([[1, 2, 3], [1, 2], [5]])
     assert [r.rid for r in FifoPolicy().order(reqs, cache)] == ["a", "b", "c", "d"]
     assert [r.rid for r in CacheAwarePolicy().order(reqs, cache)] == ["b", "c", "d", "a"]
+
+
+# ---- regressions found in review ------------------------------------------------------
+
+def test_stop_string_spelled_in_byte_tokens(eng):
+    """A rare character can take up to 4 byte-level tokens: the stop-string window must be
+    counted in bytes, or a stop string written byte by byte is never seen."""
+    from stage3_scheduler.stops import check_stop
+    tok, stop = eng.tokenizer, "😀😀😀"
+    byte_ids = [tok.convert_tokens_to_ids(_byte_token(b)) for b in stop.encode()]
+    assert tok.decode(byte_ids) == stop and len(byte_ids) == 12
+    r = Req("bytes", [1, 2, 3], SamplingParams.from_dict({"max_new_tokens": 100, "stop": [stop]}, 151936))
+    reason = None
+    for t in [9707] + byte_ids:
+        r.output_ids.append(t)
+        reason = check_stop(r, [], tok, 40960) or reason
+    assert reason == {"type": "stop", "matched": stop}
+
+
+def _byte_token(b: int) -> str:
+    """GPT-2 byte-level BPE spells byte b as this one-character token."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + [x for x in range(256) if x not in printable].index(b))
+
+
+def test_prompt_larger_than_the_pool_is_aborted_not_stuck(tiny_model_dir):
+    """With chunked prefill the first chunk fits; the rest never would. Refuse it up front."""
+    small = Engine(model=str(tiny_model_dir[0]), device="cpu", max_total_tokens=64, chunked_prefill_size=16)
+    out = small.generate(input_ids=list(range(1, 101)), sampling_params={"temperature": 0, "max_new_tokens": 4})
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "does not fit" in out["meta_info"]["finish_reason"]["message"]
+    small.scheduler.check_invariant()
+    assert small.runner.pool.allocator.available_size() == small.runner.pool.size
+
+
+def test_huge_valid_seed_samples(eng):
+    """Any seed validation accepts (< 2**63) must work in the sampler's generator."""
+    sp = {"temperature": 0.8, "seed": 2**62, "max_new_tokens": 3, "ignore_eos": True}
+    a = eng.generate(input_ids=[1, 2, 3], sampling_params=sp)["output_ids"]
+    assert len(a) == 3 and a == eng.generate(input_ids=[1, 2, 3], sampling_params=sp)["output_ids"]
