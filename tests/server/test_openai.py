@@ -1,8 +1,9 @@
 """The official `openai` client against /v1: completions and chat, stream and not, usage."""
 from __future__ import annotations
 
-import openai
 import pytest
+
+openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
 
 pytestmark = pytest.mark.server
 
