@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
-from stage3_scheduler.stops import ids_for_text
 from server import io_struct as io
 from server.ipc import parent_alive, pull_socket, push_socket
 from stage1_model.model_source import tokenizer_dir
 from stage1_model.tokenizer import load_tokenizer
+from stage3_scheduler.stops import ids_for_text
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"
