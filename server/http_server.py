@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException
 
 from server import openai_api
 from server.auth import ApiKeyMiddleware
-from server.http_utils import (SSE_DONE, ClientGone, error_body, error_response, gather, last, merge, read_json,
-                               sse, until_disconnect)
+from server.http_utils import (ClientGone, error_response, gather, last, merge, read_json, sse_stream,
+                               until_disconnect)
 from server.tokenizer_manager import GenInput, RequestFailed, TokenizerManager
 from server.validation import BadRequest, parse_generate
 from stage3_scheduler.sampling_params import SamplingParams
@@ -92,19 +92,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-async def generate_stream(tm: TokenizerManager, inputs, is_batch: bool):
-    """SSE body: cumulative results as they come (with "index" in a batch), then [DONE]."""
-    try:
-        async for i, result in merge([tm.generate(x) for x in inputs]):
-            if is_batch:
-                result["index"] = i
-            yield sse(result)
-    except (BadRequest, RequestFailed) as e:
-        yield sse(error_body(getattr(e, "status", 400), str(e)))
-    except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
-        log.exception("stream failed")
-        yield sse(error_body(500, f"internal error: {type(e).__name__}"))
-    yield SSE_DONE
+async def generate_events(tm: TokenizerManager, inputs, is_batch: bool):
+    """Cumulative results as they come (with "index" in a batch); sse_stream frames them."""
+    async for i, result in merge([tm.generate(x) for x in inputs]):
+        if is_batch:
+            result["index"] = i
+        yield result
 
 
 def add_native_routes(app: FastAPI, tm: TokenizerManager, server_args) -> None:
@@ -113,7 +106,7 @@ def add_native_routes(app: FastAPI, tm: TokenizerManager, server_args) -> None:
         batch = parse_generate(await read_json(request), tm.vocab_size)
         inputs = await tm.prepare(batch)
         if batch.stream:
-            return StreamingResponse(generate_stream(tm, inputs, batch.is_batch), media_type="text/event-stream")
+            return StreamingResponse(sse_stream(generate_events(tm, inputs, batch.is_batch)), media_type="text/event-stream")
         results = await until_disconnect(request, gather(*[last(tm.generate(x)) for x in inputs]))
         return results if batch.is_batch else results[0]
 

@@ -17,6 +17,7 @@ import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from server.tokenizer_manager import RequestFailed
 from server.validation import BadRequest
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,20 @@ def sse(obj) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+async def sse_stream(events):
+    """An SSE body from an async iterator of events: once headers are sent an error can only
+    go inside the stream (`data: {"error": ...}`), and `[DONE]` always ends it."""
+    try:
+        async for event in events:
+            yield sse(event)
+    except (BadRequest, RequestFailed) as e:
+        yield sse(error_body(getattr(e, "status", 400), str(e)))
+    except Exception as e:  # noqa: BLE001 - a bug must not cut the stream without a word
+        log.exception("stream failed")
+        yield sse(error_body(500, f"internal error: {type(e).__name__}"))
+    yield SSE_DONE
 
 
 async def _wait_disconnect(request: Request) -> None:

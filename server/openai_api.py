@@ -10,19 +10,16 @@ Chat prompts come from the tokenizer's own chat template (add_generation_prompt=
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from server.http_utils import SSE_DONE, error_body, gather, last, merge, read_json, sse, until_disconnect
+from server.http_utils import gather, last, merge, read_json, sse_stream, until_disconnect
 from server.openai_protocol import chat_messages, chat_params, completion_params, completion_prompts, get
 from server.openai_reply import ChatReply, CompletionReply, usage
-from server.tokenizer_manager import RequestFailed, TokenizerManager
+from server.tokenizer_manager import TokenizerManager
 from server.validation import BadRequest, GenerateBatch, check_ids
-
-log = logging.getLogger(__name__)
 
 BIG_CHAT_CHARS = 4096       # render long conversations in a worker thread
 
@@ -89,23 +86,16 @@ class OpenAIRoutes:
             results = await until_disconnect(request, gather(*[last(self.tm.generate(x)) for x in inputs]))
             return reply.response(results)
         include_usage = bool(get(body, "stream_options", dict, {}).get("include_usage"))
-        return StreamingResponse(self.stream(inputs, reply, include_usage), media_type="text/event-stream")
+        return StreamingResponse(sse_stream(self.stream(inputs, reply, include_usage)), media_type="text/event-stream")
 
     async def stream(self, inputs, reply, include_usage: bool):
         latest: dict[int, dict] = {}
-        try:
-            async for i, result in merge([self.tm.generate(x) for x in inputs]):
-                for event in reply.chunks(i, result, latest.get(i)):
-                    yield sse(event)
-                latest[i] = result
-            if include_usage:
-                yield sse(reply.envelope([], usage=usage([latest[i] for i in sorted(latest)], reply.n)))
-        except (BadRequest, RequestFailed) as e:
-            yield sse(error_body(getattr(e, "status", 400), str(e)))
-        except Exception as e:  # noqa: BLE001 - headers are sent: report inside the stream
-            log.exception("stream failed")
-            yield sse(error_body(500, f"internal error: {type(e).__name__}"))
-        yield SSE_DONE
+        async for i, result in merge([self.tm.generate(x) for x in inputs]):
+            for event in reply.chunks(i, result, latest.get(i)):
+                yield event
+            latest[i] = result
+        if include_usage:
+            yield reply.envelope([], usage=usage([latest[i] for i in sorted(latest)], reply.n))
 
 
 def add_routes(app: FastAPI, tm: TokenizerManager, server_args) -> None:

@@ -145,3 +145,23 @@ def test_big_prompt_does_not_block_other_clients(server):
     r, worst = asyncio.run(main())
     assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
     assert worst < 1.0, f"/health took {worst:.2f} s while a big prompt was tokenized"
+
+
+@pytest.mark.parametrize("error, status", [(KeyError("boom"), 500), ("bad", 400), ("failed", 503)])
+def test_errors_after_headers_go_inside_the_stream(error, status):
+    """Once SSE headers are out, any error (a bug included) becomes an error event + [DONE]."""
+    from server.http_utils import sse_stream
+    from server.tokenizer_manager import RequestFailed
+    from server.validation import BadRequest
+    exc = {"bad": BadRequest("bad input"), "failed": RequestFailed("shutting down", 503)}.get(error, error)
+
+    async def events():
+        yield {"text": "a"}
+        raise exc
+
+    async def collect():
+        return [e async for e in sse_stream(events())]
+    chunks = asyncio.run(collect())
+    assert json.loads(chunks[0][len("data: "):]) == {"text": "a"}
+    assert json.loads(chunks[1][len("data: "):])["error"]["code"] == status
+    assert chunks[2] == "data: [DONE]\n\n" and len(chunks) == 3
