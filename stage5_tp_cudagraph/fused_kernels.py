@@ -1,0 +1,169 @@
+"""Fused elementwise kernels for a Qwen3 decoder layer, in Triton.
+
+A stage-1 layer launches ~65 small kernels (an RMSNorm alone is ~8: cast, square, mean,
+add, rsqrt, multiply, cast, scale). In a decode step each is a launch on a few KB of data,
+so the cost is the launch, not the math. These three kernels replace those chains:
+
+    rmsnorm(x [T, N], weight [N], eps, residual=None) -> out [T, N]            (or
+        -> (out, residual) when `residual` is given: residual <- x + residual, IN PLACE,
+        then out = RMSNorm(residual); one kernel for "x = x + sublayer(x); norm(x)")
+    qk_norm_rope(qkv [T, (H + 2*KVH) * D], q_weight [D], k_weight [D], cos/sin [P, D/2],
+        positions [T], H, KVH, eps) -> q [T, H, D], k [T, KVH, D], v [T, KVH, D]
+        Qwen3's per-head RMSNorm of q and k, then RoPE (rotate-half), IN PLACE in qkv;
+        the three results are views of qkv.
+    silu_and_mul(x [T, 2*I]) -> [T, I]: silu(gate) * up, gate = x[:, :I], up = x[:, I:]
+
+Numerics equal stage 1's modules up to float32 summation order: RMSNorm normalises in
+float32, rounds to the input dtype, then multiplies by the weight (rounded again); RoPE
+computes in float32 from the float32 cos/sin cache and rounds; silu rounds before the
+product, as `F.silu(g) * u` does in bf16. Rows may be strided (stride(-1) must be 1).
+head_dim need not be a power of two: blocks are padded to one and masked.
+No kernel reads a device value on the host, so all are CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SILU_BLOCK = 1024            # columns of the intermediate size per silu_and_mul program
+
+
+def _num_warps(block: int) -> int:
+    # ~256 elements per warp: 4096-wide rows get 16 warps, tiny test rows get 1.
+    return max(1, min(16, block // 256))
+
+
+def _check_rows(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dim() != 2 or t.stride(-1) != 1:
+            raise ValueError(f"expected a 2-D tensor with unit last stride, got shape "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+
+
+# --------------------------------------------------------------------------------------
+# (residual add +) RMSNorm: one program = one token row
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _rmsnorm_kernel(X, Res, W, Out, stride_x, stride_r, stride_o, N, eps,
+                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)         # [BLOCK]
+    if HAS_RESIDUAL:
+        r = tl.load(Res + row * stride_r + offs, mask=mask, other=0.0)
+        # Round the sum to the input dtype, as stage 1's `x + sublayer(x)` does.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(Res + row * stride_r + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / N + eps)
+    y = (xf * rstd).to(X.dtype.element_ty)                                # cast back, then scale
+    w = tl.load(W + offs, mask=mask, other=0.0)
+    out = y.to(tl.float32) * w.to(tl.float32)
+    tl.store(Out + row * stride_o + offs, out.to(Out.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm of x [T, N]; with `residual` [T, N], first residual += x (in place) and
+    normalise that sum. Returns out, or (out, residual)."""
+    _check_rows(x)
+    T, N = x.shape
+    out = torch.empty_like(x)
+    if residual is not None:
+        _check_rows(residual)
+        assert residual.shape == x.shape and residual.dtype == x.dtype
+    if T > 0:
+        BLOCK = triton.next_power_of_2(N)
+        res = residual if residual is not None else x      # a placeholder, never read
+        _rmsnorm_kernel[(T,)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), N, eps,
+                              HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
+                              num_warps=_num_warps(BLOCK))
+    return out if residual is None else (out, residual)
+
+
+# --------------------------------------------------------------------------------------
+# per-head q/k RMSNorm + RoPE: one program = one (token, head) of q or k
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _qk_norm_rope_kernel(QKV, QW, KW, Cos, Sin, Pos, stride_t, stride_cs, eps,
+                         NUM_Q: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)                     # 0..H-1: q heads; H..H+KVH-1: k heads (in qkv order)
+    offs = tl.arange(0, BLOCK)               # one half of the head: rotate-half pairs i, i + D/2
+    mask = offs < HALF
+    base = QKV + t * stride_t + h * (2 * HALF)
+    x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    dtype = QKV.dtype.element_ty
+
+    # RMSNorm over the whole head (both halves), rounded as stage 1's q_norm/k_norm
+    rstd = tl.math.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
+    if h < NUM_Q:
+        w_ptr = QW
+    else:
+        w_ptr = KW
+    w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    y1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+    y2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+
+    # RoPE in float32 from the cos/sin row of this token's position
+    pos = tl.load(Pos + t).to(tl.int64)
+    cos = tl.load(Cos + pos * stride_cs + offs, mask=mask, other=0.0)
+    sin = tl.load(Sin + pos * stride_cs + offs, mask=mask, other=0.0)
+    tl.store(base + offs, (y1 * cos - y2 * sin).to(dtype), mask=mask)
+    tl.store(base + HALF + offs, (y2 * cos + y1 * sin).to(dtype), mask=mask)
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, eps: float):
+    """Normalise + rotate the q and k heads of qkv [T, (H + 2*KVH) * D] in place.
+    cos/sin [P, D/2] float32 (stage 1's RotaryEmbedding buffers). Returns views q, k, v."""
+    _check_rows(qkv)
+    T = qkv.shape[0]
+    D = q_weight.shape[0]
+    assert D % 2 == 0 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D
+    assert cos.shape == sin.shape and cos.shape[1] == D // 2 and cos.stride() == sin.stride()
+    assert cos.stride(-1) == 1 and positions.shape == (T,)
+    if T > 0:
+        BLOCK = triton.next_power_of_2(D // 2)
+        _qk_norm_rope_kernel[(T, num_heads + num_kv_heads)](
+            qkv, q_weight, k_weight, cos, sin, positions, qkv.stride(0), cos.stride(0), eps,
+            NUM_Q=num_heads, HALF=D // 2, BLOCK=BLOCK, num_warps=1)
+    q_end, k_end = num_heads * D, (num_heads + num_kv_heads) * D
+    return (qkv[:, :q_end].view(T, num_heads, D), qkv[:, q_end:k_end].view(T, num_kv_heads, D),
+            qkv[:, k_end:].view(T, num_kv_heads, D))
+
+
+# --------------------------------------------------------------------------------------
+# SiLU-and-mul: one program = (token, block of SILU_BLOCK intermediate columns)
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, I, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    gate = tl.load(X + t * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + t * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
+    # silu(g) = g / (1 + e^-g), rounded to the dtype before the product (as F.silu(g) * u)
+    act = (gate / (1.0 + tl.exp(-gate))).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Out + t * stride_o + offs, (act * up).to(Out.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2*I] (gate | up, the merged gate_up projection) -> silu(gate) * up [T, I]."""
+    _check_rows(x)
+    T, two_i = x.shape
+    assert two_i % 2 == 0, "the last dim must hold gate and up halves"
+    I = two_i // 2
+    out = torch.empty(T, I, dtype=x.dtype, device=x.device)
+    if T > 0:
+        BLOCK = min(SILU_BLOCK, triton.next_power_of_2(I))
+        _silu_and_mul_kernel[(T, triton.cdiv(I, BLOCK))](x, out, x.stride(0), out.stride(0), I,
+                                                         BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
+    return out
