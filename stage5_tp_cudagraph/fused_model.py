@@ -1,0 +1,209 @@
+"""Qwen3 with merged projections and fused kernels: the fast twin of stage 1's model.
+
+Contract: `load_fused_model(model_dir, dtype, device, load_format, factory, cfg)` takes the
+same arguments as stage 1's `load_model` and returns a `FusedQwen3ForCausalLM` with the
+same interface: `forward(input_ids [T], positions [T], attn, batch) -> hidden [T, hidden]`,
+`compute_logits(hidden) -> [N, vocab] float32`, the attention seam
+`attn(q [T, H, D], k [T, KVH, D], v [T, KVH, D], layer_id, batch) -> [T, H * D]`, and
+`model.layers[i].self_attn.num_heads / num_kv_heads`. So stage 2's ModelRunner and its
+paged backends run it unchanged (q, k, v arrive as strided views of one qkv buffer).
+
+What differs from stage 1, per layer (~12 launches instead of ~65):
+  - q/k/v is one GEMM (`qkv_proj`), gate/up is one GEMM (`gate_up_proj`). Checkpoints keep
+    the separate HF tensors; PACKED_MODULES says which checkpoint tensor fills which slice,
+    and the merged weight's `weight_loader(param, tensor, shard)` copies it there.
+  - residual add + RMSNorm, q/k norm + RoPE and SiLU-and-mul are one Triton kernel each
+    (fused_kernels.py). The residual stream is carried between layers, SGLang-style:
+    each layer returns (sublayer output, residual) and the next norm adds them.
+Stage 1 stays the readable reference; tests/stage5/test_fused_model.py checks the two agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from stage1_model.config import ModelConfig, load_config
+from stage1_model.layers import LayerFactory, RMSNorm, RotaryEmbedding
+from stage1_model.weights import init_dummy, load_safetensors
+from stage5_tp_cudagraph import fused_kernels as fk
+
+# merged module -> the checkpoint modules it holds, in output-row order
+PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+# ---------------------------------------------------------------- packed weight loading
+
+def packed_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
+    """Copy one checkpoint tensor (e.g. k_proj.weight) into its rows of the merged weight."""
+    start, size = param.shards[shard]
+    target = param.data.narrow(0, start, size)
+    if target.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: {shard} slice {tuple(target.shape)} vs checkpoint {tuple(loaded.shape)}")
+    target.copy_(loaded)
+
+
+def merged_linear(factory: LayerFactory, in_features: int, merged: str, sizes: list[int]) -> nn.Module:
+    """One column linear whose output rows are the concatenation of PACKED_MODULES[merged]."""
+    layer = factory.linear(in_features, sum(sizes), "column")
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    layer.weight.shards = dict(zip(PACKED_MODULES[merged], zip(offsets, sizes)))  # name -> (row, rows)
+    layer.weight.weight_loader = packed_weight_loader
+    return layer
+
+
+@dataclass
+class ShardTarget:
+    """Stands for a checkpoint tensor that fills one slice of a merged parameter."""
+    param: nn.Parameter
+    shard: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.param.dtype
+
+    def weight_loader(self, _target, loaded: torch.Tensor) -> None:
+        packed_weight_loader(self.param, loaded, self.shard)
+
+
+class CheckpointView:
+    """The model as stage 1's `load_safetensors` sees it: its config and checkpoint name ->
+    target. A merged weight 'x.qkv_proj.weight' appears as 'x.q_proj.weight', 'x.k_proj.weight',
+    'x.v_proj.weight', so the loader's missing/unexpected-tensor checks work per tensor."""
+
+    def __init__(self, model: nn.Module):
+        self.config = model.config
+        self.targets = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if not hasattr(p, "shards"):
+                self.targets[name] = p
+                continue
+            module, leaf = name.rsplit(".", 1)            # 'model.layers.0.self_attn.qkv_proj', 'weight'
+            parent = module.rsplit(".", 1)[0]
+            for shard in p.shards:
+                self.targets[f"{parent}.{shard}.{leaf}"] = ShardTarget(p, shard)
+
+    def named_parameters(self, remove_duplicate: bool = False):
+        return self.targets.items()
+
+
+# ---------------------------------------------------------------- modules
+
+class FusedRMSNorm(RMSNorm):
+    """Stage 1's RMSNorm parameters; forward(x, residual=None) is one fused kernel."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return fk.rmsnorm(x, self.weight, self.eps, residual)
+
+
+class FusedAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, factory: LayerFactory):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = D = cfg.head_dim
+        self.num_heads = factory.local_heads(cfg.num_attention_heads)
+        self.num_kv_heads = factory.local_heads(cfg.num_key_value_heads)
+        H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.qkv_proj = merged_linear(factory, cfg.hidden_size, "qkv_proj", [H * D, KVH * D, KVH * D])
+        self.o_proj = factory.linear(H * D, cfg.hidden_size, "row")
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)         # parameters only: the kernel applies them
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, rope: RotaryEmbedding, attn, batch):
+        qkv = self.qkv_proj(x)                             # [T, (H + 2*KVH) * D], one GEMM
+        q, k, v = fk.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, rope.cos, rope.sin,
+                                  positions, self.num_heads, self.num_kv_heads, self.q_norm.eps)
+        return self.o_proj(attn(q, k, v, self.layer_id, batch))
+
+
+class FusedMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, factory: LayerFactory):
+        super().__init__()
+        self.gate_up_proj = merged_linear(factory, hidden, "gate_up_proj", [inter, inter])
+        self.down_proj = factory.linear(inter, hidden, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(fk.silu_and_mul(self.gate_up_proj(x)))   # [T, 2I] -> [T, I] -> [T, hidden]
+
+
+class FusedDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, factory: LayerFactory):
+        super().__init__()
+        self.self_attn = FusedAttention(cfg, layer_id, factory)
+        self.mlp = FusedMLP(cfg.hidden_size, cfg.intermediate_size, factory)
+        self.input_layernorm = FusedRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = FusedRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, residual, positions, rope, attn, batch):
+        """x: the previous sublayer's output (or the embeddings, with residual None).
+        Returns (this layer's MLP output, residual stream before it)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)       # residual += x; h = norm(residual)
+        h = self.self_attn(h, positions, rope, attn, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class FusedQwen3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
+        super().__init__()
+        self.embed_tokens = factory.embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(FusedDecoderLayer(cfg, i, factory) for i in range(cfg.num_hidden_layers))
+        self.norm = FusedRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class FusedQwen3ForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
+        super().__init__()
+        self.config = cfg
+        self.factory = factory = factory or LayerFactory()
+        self.model = FusedQwen3Model(cfg, factory)
+        self.lm_head = factory.lm_head(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, batch=None) -> torch.Tensor:
+        x, residual = self.model.embed_tokens(input_ids), None      # [T, hidden]
+        for layer in self.model.layers:
+            x, residual = layer(x, residual, positions, self.rope, attn, batch)
+        return self.model.norm(x, residual)[0]                      # final add + norm
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        return self.lm_head(hidden).float()
+
+
+# ---------------------------------------------------------------- building and loading
+
+def build_fused_model(cfg: ModelConfig, dtype: torch.dtype, device,
+                      factory: LayerFactory | None = None) -> FusedQwen3ForCausalLM:
+    """Parameters created directly in `dtype` on `device` (as stage 1's build_model)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FusedQwen3ForCausalLM(cfg, factory)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def load_fused_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
+                     load_format: str = "auto", factory: LayerFactory | None = None,
+                     cfg: ModelConfig | None = None) -> FusedQwen3ForCausalLM:
+    """Drop-in for stage 1's load_model: same arguments, same checkpoint files."""
+    model_dir = Path(model_dir)
+    cfg = cfg or load_config(model_dir)
+    model = build_fused_model(cfg, dtype, device, factory)
+    if load_format == "dummy":
+        init_dummy(model)
+    elif load_format == "auto":
+        load_safetensors(CheckpointView(model), model_dir)
+    else:
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    return model
