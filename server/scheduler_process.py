@@ -48,7 +48,8 @@ def _without_stage5(options: dict) -> dict:
     """Before stage 5 there is no CUDA graph or overlap to disable, and no tensor parallelism."""
     if options.get("tp", 1) > 1:
         raise ValueError(f"--tp {options['tp']} needs stage 5 (stage5_tp_cudagraph), which is not installed")
-    return {k: v for k, v in options.items() if k not in ("tp", "disable_cuda_graph", "disable_overlap")}
+    stage5 = ("tp", "disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs")
+    return {k: v for k, v in options.items() if k not in stage5}
 
 
 class SchedulerServer:

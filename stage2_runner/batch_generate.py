@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from stage2_runner.forward_batch import make_batch
+from stage2_runner.forward_batch import make_batch, to_device
 from stage2_runner.model_runner import ModelRunner
 from stage2_runner.sampler import SamplingInfo
 
@@ -21,7 +21,7 @@ def extend(runner: ModelRunner, rows, prefix_lens, new_tokens, last_slots):
     for i, (row, p, toks) in enumerate(zip(rows, prefix_lens, new_tokens)):
         assert toks, "every request needs at least one new token per extend"
         slots = pool.allocator.alloc_extend(p, last_slots[i], len(toks))
-        pool.req_to_token[row, p:p + len(toks)] = slots.to(pool.req_to_token.device, torch.int32)
+        pool.req_to_token[row, p:p + len(toks)] = to_device(slots.to(torch.int32), pool.req_to_token.device)
         last_slots[i] = int(slots[-1])
         locs.append(slots)
     batch = make_batch(rows, prefix_lens, new_tokens, torch.cat(locs), runner.device)

@@ -51,22 +51,36 @@ class ForwardBatch:
         return self.extend_start_loc.long() + self.extend_lens.long() - 1
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> device without a host sync. A plain `.to("cuda")` of pageable memory
+    waits for the GPU to drain (PyTorch syncs the stream after the copy), which would stall
+    the overlap scheduler; a pinned staging copy + non_blocking does not. PyTorch's pinned
+    allocator keeps the staging buffer alive until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def make_batch(rows: list[int], prefix_lens: list[int], new_tokens: list[list[int]],
                out_cache_loc: torch.Tensor, device) -> ForwardBatch:
-    """Build an extend (or, if every request adds one token, decode) batch."""
+    """Build an extend (or, if every request adds one token, decode) batch. All integer
+    fields travel to the device in ONE non-blocking copy, then are split into views."""
     ext = [len(t) for t in new_tokens]
     seq = [p + k for p, k in zip(prefix_lens, ext)]
     starts = [0]
     for k in ext[:-1]:
         starts.append(starts[-1] + k)
     positions = [pos for p, k in zip(prefix_lens, ext) for pos in range(p, p + k)]
-    i32 = dict(dtype=torch.int32, device=device)
+    T, B = len(positions), len(rows)
+    host = torch.cat([torch.tensor([t for ts in new_tokens for t in ts] + positions, dtype=torch.int64),
+                      out_cache_loc.to("cpu", torch.int64),
+                      torch.tensor(rows + seq + list(prefix_lens) + ext + starts, dtype=torch.int64)])
+    dev = to_device(host, device)
+    ids, pos, loc, rest = dev[:T], dev[T:2 * T], dev[2 * T:3 * T], dev[3 * T:].view(5, B)
+    rest32 = rest[1:].to(torch.int32)                 # seq, prefix, extend, start: [4, B] int32
     return ForwardBatch(
         mode="decode" if all(k == 1 for k in ext) else "extend",
-        input_ids=torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        out_cache_loc=out_cache_loc.to(device),
-        req_pool_indices=torch.tensor(rows, dtype=torch.int64, device=device),
-        seq_lens=torch.tensor(seq, **i32), prefix_lens=torch.tensor(prefix_lens, **i32),
-        extend_lens=torch.tensor(ext, **i32), extend_start_loc=torch.tensor(starts, **i32),
+        input_ids=ids, positions=pos, out_cache_loc=loc, req_pool_indices=rest[0],
+        seq_lens=rest32[0], prefix_lens=rest32[1], extend_lens=rest32[2], extend_start_loc=rest32[3],
         seq_lens_cpu=seq, prefix_lens_cpu=list(prefix_lens), extend_lens_cpu=ext)

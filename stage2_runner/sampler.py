@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stage2_runner.forward_batch import to_device
+
 
 @dataclass
 class SamplingInfo:
@@ -35,30 +37,46 @@ class SamplingInfo:
     needs_filter: bool = True
 
     @classmethod
-    def from_params(cls, params: list[dict], vocab: int, device, histories=None) -> "SamplingInfo":
+    def from_params(cls, params: list[dict], vocab: int, device, histories=None, steps=None) -> "SamplingInfo":
         """params: per request dicts with temperature/top_p/top_k/min_p/penalties/seed;
-        histories: per request (prompt_ids, output_ids), needed only for penalties."""
-        f = lambda k, d: torch.tensor([float(p.get(k, d)) for p in params], device=device)  # noqa: E731
+        histories: per request (prompt_ids, output_ids), needed only for penalties;
+        steps: tokens each request generated before this one (default: len(output_ids)).
+        Decisions are made on the host lists and every tensor reaches the device in a
+        non-blocking copy, so building the info never waits for the GPU."""
+        col = lambda k, d: [float(p.get(k, d)) for p in params]  # noqa: E731
+        temps, top_ps, min_ps = col("temperature", 1.0), col("top_p", 1.0), col("min_p", 0.0)
+        fp, pp, rp = col("frequency_penalty", 0.0), col("presence_penalty", 0.0), col("repetition_penalty", 1.0)
         top_k = [int(p.get("top_k", -1)) for p in params]
-        info = cls(temperatures=f("temperature", 1.0), top_ps=f("top_p", 1.0), min_ps=f("min_p", 0.0),
-                   top_ks=torch.tensor([k if k > 0 else vocab for k in top_k], device=device),
-                   seeds=[p.get("seed") for p in params],
-                   steps=[len(h[1]) for h in histories] if histories else [0] * len(params),
+        floats = to_device(torch.tensor([temps, top_ps, min_ps, fp, pp, rp], dtype=torch.float32), device)
+        if steps is None:
+            steps = [len(h[1]) for h in histories] if histories else [0] * len(params)
+        info = cls(temperatures=floats[0], top_ps=floats[1], min_ps=floats[2],
+                   top_ks=to_device(torch.tensor([k if k > 0 else vocab for k in top_k]), device),
+                   seeds=[p.get("seed") for p in params], steps=list(steps),
                    top_logprobs_num=max(int(p.get("top_logprobs_num", 0)) for p in params),
-                   all_greedy=all(float(p.get("temperature", 1.0)) == 0 for p in params),
-                   needs_filter=any(0 < k < vocab for k in top_k) or
-                   any(float(p.get("top_p", 1.0)) < 1 or float(p.get("min_p", 0.0)) > 0 for p in params))
-        fp, pp, rp = f("frequency_penalty", 0.0), f("presence_penalty", 0.0), f("repetition_penalty", 1.0)
-        if histories and (fp.any() or pp.any() or (rp != 1).any()):
-            info.frequency_penalties, info.presence_penalties, info.repetition_penalties = fp, pp, rp
-            info.output_counts = torch.zeros(len(params), vocab, device=device)
-            info.seen_mask = torch.zeros(len(params), vocab, dtype=torch.bool, device=device)
-            for i, (prompt, out) in enumerate(histories):
-                if out:
-                    o = torch.tensor(out, device=device)
-                    info.output_counts[i].index_add_(0, o, torch.ones(len(out), device=device))
-                info.seen_mask[i, torch.tensor(list(prompt) + list(out), device=device, dtype=torch.long)] = True
+                   all_greedy=all(t == 0 for t in temps),
+                   needs_filter=any(0 < k < vocab for k in top_k) or any(p < 1 for p in top_ps)
+                   or any(m > 0 for m in min_ps))
+        if histories and (any(fp) or any(pp) or any(r != 1 for r in rp)):
+            info.frequency_penalties, info.presence_penalties, info.repetition_penalties = floats[3:6]
+            info.output_counts, info.seen_mask = _history_tensors(histories, vocab, device)
         return info
+
+
+def _history_tensors(histories, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """counts [B, V] of generated tokens and seen [B, V] (prompt or output), built from
+    flat (row, token) index lists with one copy each."""
+    out_rows = [i for i, (_, out) in enumerate(histories) for _ in out]
+    out_toks = [t for _, out in histories for t in out]
+    all_rows = [i for i, (prompt, out) in enumerate(histories) for _ in range(len(prompt) + len(out))]
+    all_toks = [t for prompt, out in histories for t in list(prompt) + list(out)]
+    idx = to_device(torch.tensor([out_rows + all_rows, out_toks + all_toks], dtype=torch.int64), device)
+    n_out = len(out_rows)
+    counts = torch.zeros(len(histories), vocab, device=device)
+    counts.index_put_((idx[0, :n_out], idx[1, :n_out]), torch.ones(n_out, device=device), accumulate=True)
+    seen = torch.zeros(len(histories), vocab, dtype=torch.bool, device=device)
+    seen[idx[0, n_out:], idx[1, n_out:]] = True
+    return counts, seen
 
 
 @dataclass

@@ -39,10 +39,17 @@ class Engine:
         self.disable_radix_cache = rest.pop("disable_radix_cache", False)
         if rest:
             raise TypeError(f"unknown Engine options: {sorted(rest)}")
-        self.runner = ModelRunner(rargs)
+        self.runner = self.make_runner(rargs)
         self.tokenizer = load_tokenizer(tokenizer_dir(self.runner.model_path))
         self.cache = self.make_cache()
-        self.scheduler = Scheduler(self.runner, sargs, self.cache, self.tokenizer)
+        self.scheduler = self.make_scheduler(sargs)
+
+    # Seams for later stages: which runner, prefix cache and scheduler the Engine builds.
+    def make_runner(self, rargs: RunnerArgs) -> ModelRunner:
+        return ModelRunner(rargs)
+
+    def make_scheduler(self, sargs: SchedulerArgs) -> Scheduler:
+        return Scheduler(self.runner, sargs, self.cache, self.tokenizer)
 
     def make_cache(self):
         return NoPrefixCache(self.runner.pool.allocator, self.runner.pool.allocator.page_size)
@@ -89,7 +96,7 @@ class Engine:
     def run_until_done(self, reqs: list[Req]) -> None:
         while not all(r.finished for r in reqs):
             self.scheduler.step()
-        while self.scheduler.finished_unreported:       # drain the reports of finished requests
+        while self.scheduler.has_unreported():          # drain the reports of finished requests
             self.scheduler.step()
 
     def _stream(self, reqs: list[Req]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from stage2_runner.forward_batch import to_device
 from stage2_runner.kv_cache import KVPool, OutOfSlots
 from stage3_scheduler.request import Req
 
@@ -33,7 +34,7 @@ def attach_prefix(req: Req, pool: KVPool, cache) -> None:
     req.slots, req.cache_node = slots, node
     req.cached_len = req.kv_len = len(slots)
     if len(slots):
-        pool.req_to_token[req.row, :len(slots)] = slots.to(pool.req_to_token.device, torch.int32)
+        pool.req_to_token[req.row, :len(slots)] = to_device(slots.to(torch.int32), pool.req_to_token.device)
 
 
 def grow(req: Req, pool: KVPool, cache, n: int) -> torch.Tensor:
@@ -42,7 +43,7 @@ def grow(req: Req, pool: KVPool, cache, n: int) -> torch.Tensor:
     ensure_free(pool, cache, need * pool.allocator.page_size)
     last = int(req.slots[-1]) if req.kv_len else -1
     new = pool.allocator.alloc_extend(req.kv_len, last, n)
-    pool.req_to_token[req.row, req.kv_len:req.kv_len + n] = new.to(pool.req_to_token.device, torch.int32)
+    pool.req_to_token[req.row, req.kv_len:req.kv_len + n] = to_device(new.to(torch.int32), pool.req_to_token.device)
     req.slots = torch.cat([req.slots, new])
     return new
 
@@ -62,7 +63,7 @@ def cache_prefix(req: Req, pool: KVPool, cache) -> None:
     cache.lock(node)
     cache.unlock(req.cache_node)
     req.slots = torch.cat([slots, req.slots[aligned:]])
-    pool.req_to_token[req.row, :aligned] = slots.to(pool.req_to_token.device, torch.int32)
+    pool.req_to_token[req.row, :aligned] = to_device(slots.to(torch.int32), pool.req_to_token.device)
     req.cached_len, req.cache_node = aligned, node
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from stage2_runner.forward_batch import make_batch
-from stage2_runner.sampler import SamplingInfo
+from stage2_runner.forward_batch import make_batch, to_device
+from stage2_runner.sampler import SampleOutput, SamplingInfo
 from stage3_scheduler import req_kv
 from stage3_scheduler.policy import make_policy
 from stage3_scheduler.admission import Admission
@@ -81,18 +81,26 @@ class Scheduler(Admission):
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        reports = self.finished_unreported
-        self.finished_unreported = []
-        prefilling = [r for r in self.running if r.prefilling]
-        decoders = [r for r in self.running if not r.prefilling]
-        if decoders and self.last_was_chunk:
-            reports += self._decode(decoders)            # interleave with a chunked prefill
-            self.last_was_chunk = False
-        elif batch := self._admit(prefilling):
-            reports += self._extend(batch)
-        elif decoders:
-            reports += self._decode(decoders)
+        reports = self._run_batch()
+        reports, self.finished_unreported = self.finished_unreported + reports, []
         return [r.take_output() for r in dict.fromkeys(reports)]
+
+    def has_unreported(self) -> bool:
+        return bool(self.finished_unreported)
+
+    def _run_batch(self) -> list[Req]:
+        """Choose and run one batch; returns the requests that advanced."""
+        prefilling = [r for r in self.running if r.prefilling]
+        decoders = [r for r in self.running if self._can_decode(r)]
+        if decoders and self.last_was_chunk:
+            self.last_was_chunk = False
+            return self._decode(decoders)                # interleave with a chunked prefill
+        if batch := self._admit(prefilling):
+            return self._extend(batch)
+        return self._decode(decoders) if decoders else []
+
+    def _can_decode(self, r: Req) -> bool:
+        return not r.prefilling
 
     def flush_cache(self) -> bool:
         if self.waiting or self.running:
@@ -132,22 +140,27 @@ class Scheduler(Admission):
         self.last_was_chunk = len(done) < len(reqs)
         self.forwarded_tokens += len(fb.input_ids)
         self.tracer.record(self, "extend", len(reqs), len(fb.input_ids))
-        return self._sample([reqs[i] for i in done], logits[done]) if done else []
+        if len(done) < len(reqs):
+            logits = logits[to_device(torch.tensor(done), logits.device)] if done else logits[:0]
+        return self._sample([reqs[i] for i in done], logits) if done else []
 
     def _decode(self, reqs: list[Req]) -> list[Req]:
         reqs = self._make_room(reqs)
         if not reqs:
             return []
         locs = torch.cat([req_kv.grow(r, self.pool, self.cache, 1) for r in reqs])
-        fb = make_batch([r.row for r in reqs], [r.kv_len for r in reqs], [[r.output_ids[-1]] for r in reqs],
-                        locs, self.runner.device)
-        logits = self.runner.forward(fb)
+        logits = self.runner.forward(self._decode_batch(reqs, locs))
         for r in reqs:
             r.kv_len += 1
         self.ratio = max(self.args.min_new_token_ratio, self.ratio - self.args.new_token_ratio_decay)
         self.forwarded_tokens += len(reqs)
         self.tracer.record(self, "decode", len(reqs), len(reqs))
         return self._sample(reqs, logits)
+
+    def _decode_batch(self, reqs: list[Req], locs: torch.Tensor):
+        """The decode ForwardBatch: each request's last token at position kv_len."""
+        return make_batch([r.row for r in reqs], [r.kv_len for r in reqs], [[r.output_ids[-1]] for r in reqs],
+                          locs, self.runner.device)
 
     def _make_room(self, reqs: list[Req]) -> list[Req]:
         """Retract until every decoding request can get its next slot."""
@@ -178,27 +191,43 @@ class Scheduler(Admission):
 
     # ---- sampling and stops ---------------------------------------------------------
     def _sample(self, reqs: list[Req], logits: torch.Tensor) -> list[Req]:
+        return self._commit(reqs, self._launch_sample(reqs, logits))
+
+    def _launch_sample(self, reqs: list[Req], logits: torch.Tensor) -> SampleOutput:
+        """Sample on the device; nothing here waits for the GPU. A request has generated
+        `kv_len - len(input_ids)` tokens before this one (in flight ones included, which is
+        what stage 5's overlap needs: there `output_ids` lags one step)."""
         eos = self.runner.eos_token_ids
-        for i, ids in min_tokens_mask(reqs, eos):
-            logits[i, ids] = float("-inf")
+        generated = [r.kv_len - len(r.input_ids) for r in reqs]
+        if mask := min_tokens_mask(reqs, eos, generated):
+            logits[to_device(torch.tensor(mask).T.contiguous(), logits.device).unbind(0)] = float("-inf")
+        return self.runner.sample(logits, self._sampling_info(reqs, logits, generated))
+
+    def _sampling_info(self, reqs: list[Req], logits: torch.Tensor, generated: list[int]) -> SamplingInfo:
         params = [dict(r.params.to_dict(), top_logprobs_num=r.top_logprobs_num) for r in reqs]
-        info = SamplingInfo.from_params(params, logits.shape[-1], logits.device,
-                                        [(r.input_ids, r.output_ids) for r in reqs])
-        out = self.runner.sample(logits, info)
+        return SamplingInfo.from_params(params, logits.shape[-1], logits.device,
+                                        [(r.input_ids, r.output_ids) for r in reqs], steps=generated)
+
+    def _commit(self, reqs: list[Req], out: SampleOutput) -> list[Req]:
+        """Host side of sampling: append each token, then check the stop conditions."""
         tokens, lps = out.tokens.tolist(), out.logprobs.tolist()
+        top = (out.top_logprobs.tolist(), out.top_ids.tolist()) if out.top_ids is not None else None
+        eos = self.runner.eos_token_ids
         for i, (r, t) in enumerate(zip(reqs, tokens)):
+            if r.finished:                 # finished while this batch ran (stage 5 overlap)
+                continue
             r.output_ids.append(t)
             r.pending.append(t)
             if r.return_logprob:
                 r.pending_logprobs.append((lps[i], t))
                 r.output_logprobs.append((lps[i], t))
-                if out.top_ids is not None and r.top_logprobs_num:
+                if top is not None and r.top_logprobs_num:
                     k = r.top_logprobs_num
-                    r.pending_top.append(list(zip(out.top_logprobs[i, :k].tolist(), out.top_ids[i, :k].tolist())))
+                    r.pending_top.append(list(zip(top[0][i][:k], top[1][i][:k])))
             reason = check_stop(r, eos, self.tokenizer, self.runner.context_length)
             if reason:
                 self._finish(r, reason, keep_in_cache=True)
-        return reqs
+        return [r for r in reqs if r.pending or r.finished]
 
     def _finish(self, r: Req, reason: dict, keep_in_cache: bool) -> None:
         r.finish(reason)

@@ -42,10 +42,11 @@ def check_stop(req: Req, eos_ids: list[int], tokenizer, context_length: int) -> 
     return None
 
 
-def min_tokens_mask(reqs: list[Req], eos_ids: list[int]) -> list[tuple[int, list[int]]]:
-    """(row in batch, token ids to forbid) for requests still below min_new_tokens."""
-    return [(i, sorted(stop_token_ids(r, eos_ids))) for i, r in enumerate(reqs)
-            if len(r.output_ids) < r.params.min_new_tokens]
+def min_tokens_mask(reqs: list[Req], eos_ids: list[int], generated: list[int]) -> list[tuple[int, int]]:
+    """(row in batch, token id) pairs to forbid: the stop ids of requests that generated
+    fewer than min_new_tokens so far (`generated[i]` counts request i's tokens)."""
+    return [(i, t) for i, (r, n) in enumerate(zip(reqs, generated)) if n < r.params.min_new_tokens
+            for t in sorted(stop_token_ids(r, eos_ids))]
 
 
 def ids_for_text(output_ids: list[int], params, finish_reason: dict | None) -> list[int]:

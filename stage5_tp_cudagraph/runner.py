@@ -1,0 +1,56 @@
+"""The stage-5 ModelRunner: stage 2's runner with decode batches replayed from CUDA graphs.
+
+    GraphModelRunner(RunnerArgs(...), Stage5Args(...)).forward(batch) -> [B, vocab] fp32
+
+The decode-forward seam: `forward` sends a decode batch of at most `cuda_graph_max_bs`
+requests to `DecodeGraphs.run`; extends and larger decode batches run eagerly, exactly as
+in stage 2. Graphs need a backend whose decode reads nothing on the host: the Triton one.
+With another backend, or on CPU, or with `disable_cuda_graph`, every batch runs eagerly.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from stage2_runner.forward_batch import ForwardBatch
+from stage2_runner.model_runner import ModelRunner, RunnerArgs
+from stage5_tp_cudagraph.cuda_graph import DecodeGraphs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage5Args:
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256           # largest decode batch replayed from a graph
+    disable_overlap: bool = False          # True: stage 3's synchronous scheduler loop
+    tp: int = 1
+
+
+class GraphModelRunner(ModelRunner):
+    def __init__(self, args: RunnerArgs, stage5: Stage5Args | None = None, factory=None):
+        super().__init__(args, factory)
+        self.stage5 = stage5 = stage5 or Stage5Args()
+        self.graphs: DecodeGraphs | None = None
+        why_not = self._why_no_graphs(stage5)
+        if why_not:
+            log.info("CUDA graphs: off (%s)", why_not)
+            return
+        max_bs = min(stage5.cuda_graph_max_bs, args.max_running_requests)
+        self.graphs = DecodeGraphs(self, max_bs)
+
+    def _why_no_graphs(self, stage5: Stage5Args) -> str | None:
+        if stage5.disable_cuda_graph:
+            return "disable_cuda_graph"
+        if self.device.type != "cuda":
+            return "no CUDA device"
+        if self.backend.name != "triton":
+            return f"attention backend {self.backend.name!r} reads host values in decode; use triton"
+        if stage5.cuda_graph_max_bs < 1:
+            return "cuda_graph_max_bs < 1"
+        return None
+
+    def forward(self, batch: ForwardBatch):
+        if self.graphs is not None and batch.is_decode and batch.batch_size <= self.graphs.max_bs:
+            return self.graphs.run(batch)
+        return super().forward(batch)
