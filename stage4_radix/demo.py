@@ -8,9 +8,9 @@ round, and the tree after an eviction. Demo weights are random: the text is gibb
 """
 from __future__ import annotations
 
-import argparse
 import logging
 
+from stage1_model.demo_cli import add_flag, add_model_args, demo_parser, friendly_errors, parse
 from stage4_radix.engine import Engine
 
 SYSTEM = ("You are a helpful assistant for a small bakery. Answer in one short sentence, "
@@ -22,14 +22,16 @@ SECOND = [SYSTEM + "Question: when do you open on Sunday? And on Monday?",
           "Tell me a joke about bread."]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="demo", help="'demo', a local HF Qwen3 directory, or configs/<name>")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--page_size", "--page-size", type=int, default=1)
-    ap.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=8)
-    ap.add_argument("--disable_radix_cache", "--disable-radix-cache", action="store_true")
-    return ap.parse_args(argv)
+def parse_args(argv=None):
+    ap = demo_parser("stage4_radix.demo", __doc__)
+    add_model_args(ap, backend=True)
+    add_flag(ap, "--page_size", type=int, default=1, help="slots per page; the tree compares whole pages")
+    add_flag(ap, "--max_new_tokens", type=int, default=8, help="tokens to generate per request")
+    add_flag(ap, "--disable_radix_cache", action="store_true", help="run stage 3's NoPrefixCache instead")
+    args = parse(ap, argv)
+    if args.page_size < 1 or args.max_new_tokens < 1:
+        ap.error("need page_size >= 1 and max_new_tokens >= 1")
+    return ap, args
 
 
 def show_tree(eng: Engine, title: str) -> None:
@@ -42,8 +44,8 @@ def show_tree(eng: Engine, title: str) -> None:
     print(f"\n{title}\n{eng.cache.pretty(decode)}")
 
 
-def run_round(eng: Engine, prompts: list[str], max_new: int) -> None:
-    before = eng.scheduler.forwarded_tokens
+def run_round(eng: Engine, prompts: list[str], max_new: int) -> list[dict]:
+    before, steps = eng.scheduler.forwarded_tokens, eng.scheduler.tracer.step
     outs = eng.generate(prompts, {"temperature": 0.0, "max_new_tokens": max_new, "ignore_eos": True})
     for p, o in zip(prompts, outs):
         m = o["meta_info"]
@@ -51,20 +53,23 @@ def run_round(eng: Engine, prompts: list[str], max_new: int) -> None:
     n_prompt = sum(o["meta_info"]["prompt_tokens"] for o in outs)
     n_cached = sum(o["meta_info"]["cached_tokens"] for o in outs)
     # Each request forwards its uncached prompt tokens once, then max_new - 1 decode tokens.
-    print(f"  forwarded {eng.scheduler.forwarded_tokens - before} tokens = {n_prompt} prompt - {n_cached} "
-          f"cached + {len(outs)} x ({max_new} - 1) decode")
+    print(f"  {eng.scheduler.tracer.step - steps} steps, forwarded {eng.scheduler.forwarded_tokens - before} tokens"
+          f" = {n_prompt} prompt - {n_cached} cached + {len(outs)} x ({max_new} - 1) decode")
+    return outs
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    eng = Engine(model=args.model, device=args.device, page_size=args.page_size,
-                 schedule_policy="cache_aware", disable_radix_cache=args.disable_radix_cache)
+def main(argv=None) -> dict:
+    ap, args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    with friendly_errors(ap):
+        eng = Engine(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+                     attention_backend=args.attention_backend, page_size=args.page_size,
+                     schedule_policy="cache_aware", disable_radix_cache=args.disable_radix_cache)
     print(f"round 1: one request (page_size {args.page_size})")
-    run_round(eng, FIRST, args.max_new_tokens)
+    first = run_round(eng, FIRST, args.max_new_tokens)
     show_tree(eng, "the tree after round 1:")
     print("\nround 2: four requests, three sharing the system prompt")
-    run_round(eng, SECOND, args.max_new_tokens)
+    second = run_round(eng, SECOND, args.max_new_tokens)
     show_tree(eng, "the tree after round 2 (the first edge was split where the prompts diverge):")
     eng.check_integrity()                       # free + cached + running == pool, page by page
     if not args.disable_radix_cache:
@@ -73,6 +78,7 @@ def main(argv=None) -> None:
         assert eng.flush_cache()
         print(f"\nflush_cache(): {eng.cache.evictable_size()} slots cached, "
               f"{eng.runner.pool.allocator.available_size()} of {eng.runner.pool.size} free")
+    return {"rounds": [first, second], "forwarded": eng.scheduler.forwarded_tokens, "engine": eng}
 
 
 if __name__ == "__main__":
