@@ -30,7 +30,7 @@ from server import io_struct as io
 from server.ipc import parent_alive, pull_socket, push_socket
 from stage1_model.model_source import tokenizer_dir
 from stage1_model.tokenizer import load_tokenizer
-from stage3_scheduler.stops import ids_for_text
+from stage3_scheduler.stops import ids_for_text, stop_string_end
 
 log = logging.getLogger(__name__)
 REPLACEMENT = "\ufffd"
@@ -59,7 +59,7 @@ class Detokenizer:
         st.ids += ids_for_text(out.new_token_ids, st.params, out.finish_reason) if out.finished \
             else out.new_token_ids
         self._decode_new(st, final=out.finished)
-        end = self._final_end(st, out.finish_reason) if out.finished else self._safe_end(st)
+        end = stop_string_end(st.text, st.params, out.finish_reason) if out.finished else self._safe_end(st)
         new_text = st.text[st.sent:end] if end > st.sent else ""
         st.sent = max(st.sent, end)
         if out.finished:
@@ -89,14 +89,6 @@ class Detokenizer:
                     hold = k
                     break
         return len(st.text) - hold
-
-    def _final_end(self, st: DecodeState, reason: dict | None) -> int:
-        matched = (reason or {}).get("matched")
-        if isinstance(matched, str) and not st.params.no_stop_trim:
-            idx = st.text.find(matched)
-            if idx >= 0:
-                return idx
-        return len(st.text)
 
 
 def serve(detok: Detokenizer, inbox, outbox, parent_pid: int) -> None:

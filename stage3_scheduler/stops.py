@@ -57,11 +57,19 @@ def ids_for_text(output_ids: list[int], params, finish_reason: dict | None) -> l
     return output_ids
 
 
-def trim_stop_string(text: str, req_or_params, finish_reason: dict | None) -> str:
-    """Cut the text at the matched stop string (SGLang trims unless no_stop_trim)."""
-    params = getattr(req_or_params, "params", req_or_params)
-    if finish_reason and isinstance(finish_reason.get("matched"), str) and not params.no_stop_trim:
-        idx = text.find(finish_reason["matched"])
+def stop_string_end(text: str, params, finish_reason: dict | None) -> int:
+    """Where the returned text ends: at the first occurrence of the matched stop string
+    (SGLang trims it unless no_stop_trim), else at len(text). The one trimming rule, used by
+    the offline Engine and the server's detokenizer; `params` needs only `no_stop_trim`."""
+    matched = (finish_reason or {}).get("matched")
+    if isinstance(matched, str) and not params.no_stop_trim:
+        idx = text.find(matched)
         if idx >= 0:
-            return text[:idx]
-    return text
+            return idx
+    return len(text)
+
+
+def trim_stop_string(text: str, req_or_params, finish_reason: dict | None) -> str:
+    """The text cut at the matched stop string (see `stop_string_end`)."""
+    params = getattr(req_or_params, "params", req_or_params)
+    return text[:stop_string_end(text, params, finish_reason)]
