@@ -81,11 +81,10 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def resolve_backend(name: str, device: str) -> str:
     if name == "auto":
         return "torch" if device == "cpu" else "triton"
-    name = "fa" if name == "fa3" else name
     if device == "cpu" and name != "torch":
         log.warning("--attention_backend %s needs a GPU; using the torch backend on CPU", name)
         return "torch"
-    return name
+    return "fa" if name == "fa3" else name
 
 
 def check_model(model: str, load_format: str) -> None:
