@@ -39,9 +39,10 @@ PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("
 def packed_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
     """Copy one checkpoint tensor (e.g. k_proj.weight) into its rows of the merged weight."""
     start, size = param.shards[shard]
-    target = param.data.narrow(0, start, size)
+    target = param.data.narrow(0, start, size)            # rows [start, start + size): a view
     if target.shape != loaded.shape:
-        raise ValueError(f"shape mismatch: {shard} slice {tuple(target.shape)} vs checkpoint {tuple(loaded.shape)}")
+        raise ValueError(f"shape mismatch: {shard} slice {tuple(target.shape)} "
+                         f"vs checkpoint {tuple(loaded.shape)}")
     target.copy_(loaded)
 
 
@@ -99,6 +100,7 @@ class FusedRMSNorm(RMSNorm):
 
 
 class FusedAttention(nn.Module):
+    # Same attributes as stage 1's Qwen3Attention (ModelRunner reads num_heads/num_kv_heads).
     def __init__(self, cfg: ModelConfig, layer_id: int, factory: LayerFactory):
         super().__init__()
         self.layer_id = layer_id
@@ -106,6 +108,7 @@ class FusedAttention(nn.Module):
         self.num_heads = factory.local_heads(cfg.num_attention_heads)
         self.num_kv_heads = factory.local_heads(cfg.num_key_value_heads)
         H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
+        # qkv rows: [q heads | k heads | v heads], the order qk_norm_rope expects
         self.qkv_proj = merged_linear(factory, cfg.hidden_size, "qkv_proj", [H * D, KVH * D, KVH * D])
         self.o_proj = factory.linear(H * D, cfg.hidden_size, "row")
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)         # parameters only: the kernel applies them
@@ -168,6 +171,7 @@ class FusedQwen3ForCausalLM(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, batch=None) -> torch.Tensor:
+        # residual: running sum of the embeddings and every sublayer output, [T, hidden]
         x, residual = self.model.embed_tokens(input_ids), None      # [T, hidden]
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, self.rope, attn, batch)
@@ -200,6 +204,7 @@ def load_fused_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, 
     model_dir = Path(model_dir)
     cfg = cfg or load_config(model_dir)
     model = build_fused_model(cfg, dtype, device, factory)
+    # Stage 1's loader reads the view: checkpoint names, missing/unexpected checks, progress.
     if load_format == "dummy":
         init_dummy(model)
     elif load_format == "auto":

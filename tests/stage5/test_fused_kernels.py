@@ -173,7 +173,8 @@ def test_kernels_replay_in_a_cuda_graph():
     """Capture the three kernels once; new inputs copied into the static buffers must flow
     through replay (no host reads, fixed grids)."""
     T, H, KVH, D, N, I, dt = 8, 16, 8, 128, 1024, 3072, torch.bfloat16
-    norm, q_norm, k_norm = norm_module(N, dt, "cuda"), norm_module(D, dt, "cuda", 2), norm_module(D, dt, "cuda", 3)
+    norm = norm_module(N, dt, "cuda")
+    q_norm, k_norm = norm_module(D, dt, "cuda", 2), norm_module(D, dt, "cuda", 3)
     rope = RotaryEmbedding(D, 4096, 1e6).to("cuda")
     x, res = rows(T, N, dt, "cuda", 0), rows(T, N, dt, "cuda", 1)
     qkv, gu = rows(T, (H + 2 * KVH) * D, dt, "cuda", 2), rows(T, 2 * I, dt, "cuda", 3)
