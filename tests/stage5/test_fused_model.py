@@ -161,10 +161,14 @@ def test_real_shapes_fused_close_to_stage1(dtype):
     copy_weights(ref, fused)
     prompt = random_prompts(QWEN3_06B_LIKE.vocab_size, [257], seed=4)[0]
     a, b = forward_logits(ref, prompt), forward_logits(fused, prompt)       # [257, vocab]
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
+    # Random weights leave near-ties at the top (median top-2 gap ~0.15); argmax must agree
+    # wherever the gap exceeds the dtype's drift (bf16 stage 1 vs fp32 stage 1: <= ~0.045).
+    margin = 1e-3 if dtype == torch.float32 else 0.06
+    top2 = a.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > margin
+    assert decisive.float().mean() > 0.3, "too few decisive rows to test argmax"
+    assert torch.equal(a.argmax(-1)[decisive], b.argmax(-1)[decisive])
     if dtype == torch.float32:
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
-        assert agree == 1.0
-    else:   # bf16: kernels round like stage 1, but sum order differs, so allow drift
+    else:   # bf16: the kernels round like stage 1, but GEMM and sum orders differ
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
-        assert agree >= 0.95, agree
