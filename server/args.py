@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 from stage2_runner.model_runner import RunnerArgs
 from stage3_scheduler.scheduler import SchedulerArgs
 
@@ -22,6 +23,8 @@ POLICY_ALIASES = {"fcfs": "fifo", "lpm": "cache_aware"}     # SGLang's names for
 class ServerArgs:
     model: str = "demo"
     served_model_name: str | None = None
+    reasoning_parser: str | None = None     # e.g. qwen3: <think> -> reasoning_content
+    tool_call_parser: str | None = None     # e.g. qwen25: <tool_call> -> tool_calls
     host: str = "127.0.0.1"                 # loopback: never all interfaces by default
     port: int = 30000
     api_key: str | None = None
@@ -82,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     _flag(g, "model", "model_path", default=d.model, help="'demo', a local Hugging Face Qwen3 directory, or a Hub id")
     _flag(g, "served_model_name", default=None, help="model name in /v1 answers (default: --model)")
+    _flag(g, "reasoning_parser", default=None, choices=sorted(REASONING_PARSERS),
+          help="chat: split <think> blocks into reasoning_content (qwen3)")
+    _flag(g, "tool_call_parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
+          help="chat: accept tools and turn <tool_call> blocks into tool_calls (qwen25, for Qwen2.5 and Qwen3)")
     _flag(g, "load_format", default=d.load_format, choices=["auto", "dummy"], help="dummy: random weights")
     _flag(g, "dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
           help="auto: bfloat16 on GPU, float32 on CPU")

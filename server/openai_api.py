@@ -1,11 +1,13 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+"""OpenAI-compatible routes: /v1/models[/{id}], /v1/completions, /v1/chat/completions.
 
 Both generation routes reuse the native pipeline: a body becomes a GenerateBatch (prompt i's
 n samples are choices i*n .. i*n+n-1), the TokenizerManager runs it, and a `Reply` reshapes
 the cumulative results into OpenAI objects. Streams send deltas (cumulative text minus what
 was sent; the detokenizer never takes text back, so this is safe), the finish_reason with
 the last delta, a usage chunk when `stream_options.include_usage`, then `data: [DONE]`.
-Chat prompts come from the tokenizer's own chat template (add_generation_prompt=True).
+Chat prompts come from the tokenizer's own chat template (add_generation_prompt=True, or
+`continue_final_message` to extend a partial assistant turn), with `tools` when the server
+has a `--tool_call_parser`; `--reasoning_parser` splits the answer (see openai_reply.py).
 """
 from __future__ import annotations
 
@@ -15,11 +17,16 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from server.http_utils import gather, last, merge, read_json, sse_stream, until_disconnect
+from server.entrypoints import tokenize
+from server.http_utils import error_response, gather, last, merge, read_json, sse_stream, until_disconnect
+from server.openai_logprobs import TokenText
 from server.openai_protocol import chat_messages, chat_params, completion_params, completion_prompts, get
 from server.openai_reply import ChatReply, CompletionReply, usage
+from server.openai_tools import template_tools, tool_request
+from server.parsers.chat import ChatParsing
+from server.parsers.reasoning import prompt_opens_reasoning
 from server.tokenizer_manager import TokenizerManager
-from server.validation import BadRequest, GenerateBatch, check_ids
+from server.validation import BadRequest, GenerateBatch, check_ids, rids_of
 
 BIG_CHAT_CHARS = 4096       # render long conversations in a worker thread
 
@@ -35,6 +42,9 @@ class OpenAIRoutes:
     def __init__(self, tm: TokenizerManager, server_args):
         self.tm, self.name = tm, served_model_name(server_args, tm.info)
         self.accepted = {self.name, server_args.model, tm.info["model_path"]}
+        self.tt = TokenText(tm.tokenizer)
+        self.reasoning_parser = getattr(server_args, "reasoning_parser", None)
+        self.tool_call_parser = getattr(server_args, "tool_call_parser", None)
 
     async def body(self, request: Request) -> dict:
         body = await read_json(request)
@@ -42,7 +52,7 @@ class OpenAIRoutes:
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model")
         if model is not None and model not in self.accepted:
-            raise BadRequest(f"model: {model!r} is not served here; this server serves {self.name!r}")
+            raise BadRequest(f"The model `{model}` does not exist. This server serves {self.name!r}.")
         return body
 
     async def completions(self, request: Request):
@@ -52,24 +62,43 @@ class OpenAIRoutes:
                    for p in completion_prompts(body)]
         echo = [(p if isinstance(p, str) else self.tm.tokenizer.decode(p)) if get(body, "echo", bool) else ""
                 for p in prompts]
-        reply = CompletionReply(self.name, params.n, self.tm.tokenizer, get(body, "logprobs", int) is not None, echo)
+        logprobs = get(body, "logprobs", int)
+        reply = CompletionReply(self.name, params.n, self.tt, logprobs is not None, echo, logprobs or 0)
         return await self.run(request, body, prompts, params, reply)
 
     async def chat(self, request: Request):
         body = await self.body(request)
         messages = chat_messages(body)
         kwargs = get(body, "chat_template_kwargs", dict, {})     # e.g. Qwen3's enable_thinking
-        ids = await self.apply_template(messages, kwargs)
+        tools = tool_request(body, self.tool_call_parser)
+        continue_final = get(body, "continue_final_message", bool, False)
+        if continue_final and messages[-1]["role"] != "assistant":
+            raise BadRequest("continue_final_message: the last message must be the assistant's partial answer")
+        ids, text = await self.apply_template(messages, kwargs, tools, continue_final)
         params = chat_params(body, self.tm.vocab_size, len(ids), self.tm.context_length)
-        reply = ChatReply(self.name, params.n, self.tm.tokenizer, get(body, "logprobs", bool, False))
+        parsing = ChatParsing(reasoning=self.reasoning_parser is not None and get(body, "separate_reasoning", bool, True)
+                              and kwargs.get("enable_thinking", True) is not False,
+                              in_reasoning=prompt_opens_reasoning(text),
+                              tool_names=tools.names if tools else None, parallel=tools is None or tools.parallel,
+                              stream_reasoning=get(body, "stream_reasoning", bool, True))
+        reply = ChatReply(self.name, params.n, self.tt, get(body, "logprobs", bool, False),
+                          get(body, "top_logprobs", int, 0), parsing)
         return await self.run(request, body, [ids], params, reply)
 
-    async def apply_template(self, messages: list[dict], kwargs: dict) -> list[int]:
+    async def apply_template(self, messages: list[dict], kwargs: dict, tools=None,
+                             continue_final: bool = False) -> tuple[list[int], str]:
         tok = self.tm.tokenizer
+        template_list, tools_text = template_tools(tools, tok.chat_template)
+        if tools_text:          # the template does not render tools: tell the model in a system turn
+            if messages[0]["role"] == "system":
+                messages = [{**messages[0], "content": messages[0]["content"] + "\n\n" + tools_text}, *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": tools_text}, *messages]
 
-        def render() -> list[int]:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
-            return tok.encode(text, add_special_tokens=False)     # the template wrote the special tokens
+        def render() -> tuple[list[int], str]:
+            text = tok.apply_chat_template(messages, tools=template_list, add_generation_prompt=not continue_final,
+                                           continue_final_message=continue_final, tokenize=False, **kwargs)
+            return tok.encode(text, add_special_tokens=False), text     # the template wrote the special tokens
         try:
             if sum(len(m["content"]) for m in messages) > BIG_CHAT_CHARS:
                 return await asyncio.to_thread(render)
@@ -79,34 +108,52 @@ class OpenAIRoutes:
 
     async def run(self, request: Request, body: dict, prompts: list, params, reply):
         stream = get(body, "stream", bool, False)
-        batch = GenerateBatch(prompts, [params] * len(prompts), [None] * len(prompts), is_batch=True,
-                              stream=stream, return_logprob=reply.logprobs)
+        batch = GenerateBatch(prompts, [params] * len(prompts), rids_of(body.get("rid"), len(prompts)), is_batch=True,
+                              stream=stream, return_logprob=reply.logprobs, top_logprobs_num=reply.top_logprobs)
         inputs = await self.tm.prepare(batch)
         if not stream:
             results = await until_disconnect(request, gather(*[last(self.tm.generate(x)) for x in inputs]))
             return reply.response(results)
-        include_usage = bool(get(body, "stream_options", dict, {}).get("include_usage"))
-        return StreamingResponse(sse_stream(self.stream(inputs, reply, include_usage)), media_type="text/event-stream")
+        options = stream_options(body)
+        return StreamingResponse(sse_stream(self.stream(inputs, reply, **options)), media_type="text/event-stream")
 
-    async def stream(self, inputs, reply, include_usage: bool):
+    async def stream(self, inputs, reply, include_usage: bool, continuous_usage_stats: bool):
         latest: dict[int, dict] = {}
         async for i, result in merge([self.tm.generate(x) for x in inputs]):
             for event in reply.chunks(i, result, latest.get(i)):
+                if continuous_usage_stats:        # this choice's counts so far, on every chunk
+                    event["usage"] = usage([result], 1)
                 yield event
             latest[i] = result
         if include_usage:
             yield reply.envelope([], usage=usage([latest[i] for i in sorted(latest)], reply.n))
 
 
+def stream_options(body: dict) -> dict:
+    opts = get(body, "stream_options", dict, {})
+    unknown = set(opts) - {"include_usage", "continuous_usage_stats"}
+    if unknown:
+        raise BadRequest(f"stream_options: unknown option {sorted(unknown)[0]!r}")
+    return {name: get(opts, name, bool, False) for name in ("include_usage", "continuous_usage_stats")}
+
+
 def add_routes(app: FastAPI, tm: TokenizerManager, server_args) -> None:
     routes = OpenAIRoutes(tm, server_args)
     created = int(time.time())
 
+    card = {"id": routes.name, "object": "model", "created": created, "owned_by": "mini-sglang",
+            "root": routes.name, "max_model_len": tm.context_length}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": routes.name, "object": "model", "created": created,
-                                            "owned_by": "mini-sglang", "root": routes.name,
-                                            "max_model_len": tm.context_length}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if model not in routes.accepted:
+            return error_response(404, f"The model `{model}` does not exist.")
+        return card
 
     app.post("/v1/completions")(routes.completions)
     app.post("/v1/chat/completions")(routes.chat)
+    tokenize.add_routes(app, tm, routes)          # /tokenize, /detokenize (and /v1/...)

@@ -6,18 +6,21 @@
 OpenAI names map to SGLang's (`max_tokens` -> `max_new_tokens`, `min_tokens` ->
 `min_new_tokens`); SGLang's extra sampling fields (top_k, min_p, repetition_penalty,
 ignore_eos, stop_token_ids, skip_special_tokens, no_stop_trim) are accepted too, since
-SGLang's bench_serving and users send them. Features this server does not have (tools,
-logit_bias, structured output, top_logprobs) are refused with a 400, never silently ignored.
+SGLang's bench_serving and users send them, and `sampling_seed` is SGLang's name for `seed`.
+Features this server does not have (server/unsupported.py: logit_bias, structured output,
+stop_regex, ...) are refused with a 400, never silently ignored.
 """
 from __future__ import annotations
 
-from server.validation import BadRequest
+import json
+
+from server.unsupported import OPENAI, refusal
+from server.validation import MAX_TOP_LOGPROBS, BadRequest, sglang_sampling
 from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
 
 PASS_THROUGH = ["temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
                 "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-                "no_stop_trim", "seed", "n"]
-UNSUPPORTED = ["logit_bias", "suffix", "tools", "functions", "regex", "json_schema", "ebnf"]
+                "no_stop_trim", "seed", "sampling_seed", "n"]
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
@@ -33,19 +36,20 @@ def get(body: dict, name: str, types, default=None):
 
 
 def _refuse_unsupported(body: dict) -> None:
-    for name in UNSUPPORTED:
-        if body.get(name):
-            raise BadRequest(f"{name}: not supported by this server")
+    why = refusal(body, OPENAI)
+    if why:
+        raise BadRequest(why)
     rf = body.get("response_format")
     if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise BadRequest("response_format: only {\"type\": \"text\"} is supported")
+        raise BadRequest("response_format: only {\"type\": \"text\"} is supported; structured output "
+                         "(json_object, json_schema) is not supported yet")
     best_of = get(body, "best_of", int, 1)
     if best_of not in (1, get(body, "n", int, 1)):
-        raise BadRequest("best_of: must equal n (no server-side ranking)")
+        raise BadRequest("best_of: ranking best_of samples to return n is not supported; send n alone")
 
 
 def _params(body: dict, vocab_size: int, max_tokens: int) -> SamplingParams:
-    d = {k: body[k] for k in PASS_THROUGH if body.get(k) is not None}
+    d = sglang_sampling({k: body[k] for k in PASS_THROUGH if body.get(k) is not None}, where="")
     d["max_new_tokens"] = max_tokens
     if body.get("min_tokens") is not None:
         d["min_new_tokens"] = body["min_tokens"]
@@ -60,15 +64,23 @@ def _params(body: dict, vocab_size: int, max_tokens: int) -> SamplingParams:
 
 def completion_params(body: dict, vocab_size: int) -> SamplingParams:
     _refuse_unsupported(body)
-    if get(body, "logprobs", int) not in (None, 0):
-        raise BadRequest("logprobs: only 0 (the chosen token's logprob) is supported")
+    if body.get("tools"):
+        raise BadRequest("tools: only /v1/chat/completions takes tools")
+    logprobs = get(body, "logprobs", int)
+    if logprobs is not None and not (0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise BadRequest(f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}]")
+    if logprobs is not None and get(body, "echo", bool):
+        raise BadRequest("logprobs with echo: prompt (input) logprobs are not supported yet")
     return _params(body, vocab_size, get(body, "max_tokens", int, 16))     # OpenAI's default is 16
 
 
 def chat_params(body: dict, vocab_size: int, prompt_len: int, context_length: int) -> SamplingParams:
     _refuse_unsupported(body)
-    if get(body, "top_logprobs", int, 0):
-        raise BadRequest("top_logprobs: not supported; use logprobs: true for the chosen tokens")
+    top = get(body, "top_logprobs", int, 0)
+    if not (0 <= top <= MAX_TOP_LOGPROBS):
+        raise BadRequest(f"top_logprobs: must be in [0, {MAX_TOP_LOGPROBS}]")
+    if top and not get(body, "logprobs", bool, False):
+        raise BadRequest("top_logprobs: needs logprobs: true")
     # No max_tokens: the rest of the context, as SGLang does.
     limit = get(body, "max_completion_tokens", int)
     if limit is None:
@@ -114,5 +126,34 @@ def chat_messages(body: dict) -> list[dict]:
             raise BadRequest(f"messages[{i}]: must be an object with a string 'role'")
         if m["role"] not in ("system", "developer", "user", "assistant", "tool"):
             raise BadRequest(f"messages[{i}].role: unknown role {m['role']!r}")
-        out.append({"role": m["role"], "content": _text_of(m.get("content"), i)})
+        out.append({"role": m["role"], "content": _text_of(m.get("content"), i), **_tool_fields(m, i)})
     return out
+
+
+def _tool_call(call, where: str) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+        raise BadRequest(f"{where}: must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):           # OpenAI sends a JSON string; Qwen's template wants the object
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise BadRequest(f"{where}.function.arguments: not valid JSON") from None
+    return {"type": "function", "id": call.get("id"), "function": {"name": fn["name"], "arguments": args}}
+
+
+def _tool_fields(m: dict, i: int) -> dict:
+    """The parts of a tool round trip the chat template renders: the assistant's earlier calls,
+    the tool's answer id and name, and (Qwen3) earlier reasoning."""
+    extra = {}
+    if m.get("tool_calls"):
+        if not isinstance(m["tool_calls"], list):
+            raise BadRequest(f"messages[{i}].tool_calls: must be a list")
+        extra["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{k}]") for k, c in enumerate(m["tool_calls"])]
+    for name in ("tool_call_id", "name", "reasoning_content"):
+        if m.get(name) is not None:
+            if not isinstance(m[name], str):
+                raise BadRequest(f"messages[{i}].{name}: must be a string")
+            extra[name] = m[name]
+    return extra

@@ -5,12 +5,17 @@
     reply.envelope(choices, **extra)    -> {"id", "object", "created", "model", "choices", ...}
 
 A native result is cumulative ({"text", "output_ids", "meta_info"}), so a delta is the new
-result minus the previous one of the same choice.
+result minus the previous one of the same choice. Chat choices go through the request's
+parsers (server/parsers/): `<think>` blocks become `reasoning_content`, `<tool_call>`
+blocks become `tool_calls` (and finish_reason "tool_calls").
 """
 from __future__ import annotations
 
 import time
 import uuid
+
+from server.openai_logprobs import TokenText, chat_logprobs, completion_logprobs
+from server.parsers.chat import ChatParsing
 
 
 def finish_reason(meta: dict) -> str | None:
@@ -32,17 +37,19 @@ def usage(results: list[dict], n: int) -> dict:
 class Reply:
     id_prefix = object_name = chunk_object = ""
 
-    def __init__(self, model: str, n: int, tokenizer, logprobs: bool):
+    def __init__(self, model: str, n: int, token_text: TokenText, logprobs: bool, top_logprobs: int = 0):
         self.id, self.model, self.n = f"{self.id_prefix}-{uuid.uuid4().hex}", model, n
-        self.tokenizer, self.logprobs = tokenizer, logprobs
+        self.tt, self.logprobs, self.top_logprobs = token_text, logprobs, top_logprobs
         self.created = int(time.time())
 
     def envelope(self, choices: list, obj: str | None = None, **extra) -> dict:
         return {"id": self.id, "object": obj or self.chunk_object, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def token_logprobs(self, meta: dict, start: int = 0) -> list[tuple[str, float]]:
-        return [(self.tokenizer.decode([t]), lp) for lp, t, _ in meta.get("output_token_logprobs", [])[start:]]
+    def native_logprobs(self, meta: dict, start: int) -> tuple[list, list | None]:
+        """The engine's triples for tokens [start:], and their alternatives when asked for."""
+        tops = meta.get("output_top_logprobs") if self.top_logprobs else None
+        return meta.get("output_token_logprobs", [])[start:], (tops[start:] if tops is not None else None)
 
     def response(self, results: list[dict]) -> dict:
         choices = [self.choice(i, r) for i, r in enumerate(results)]
@@ -51,30 +58,33 @@ class Reply:
     def chunks(self, i: int, result: dict, prev: dict | None) -> list[dict]:
         old_text, old_tokens = (prev["text"], len(prev["output_ids"])) if prev else ("", 0)
         delta, reason = result["text"][len(old_text):], finish_reason(result["meta_info"])
-        lp = self.format_logprobs(result["meta_info"], old_tokens) if self.logprobs else None
+        new_tokens = len(result["output_ids"]) > old_tokens
+        lp = self.format_logprobs(result["meta_info"], old_tokens, i) if self.logprobs and new_tokens else None
         return self.delta_chunks(i, delta, reason, lp, first=prev is None)
 
 
 class CompletionReply(Reply):
     id_prefix, object_name, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def __init__(self, model, n, tokenizer, logprobs, echo: list[str]):
-        super().__init__(model, n, tokenizer, logprobs)
+    def __init__(self, model, n, token_text, logprobs, echo: list[str], top_logprobs: int = 0):
+        super().__init__(model, n, token_text, logprobs, top_logprobs)
         self.echo = echo                          # per prompt: the prompt text, or "" without echo
 
-    def format_logprobs(self, meta: dict, start: int = 0) -> dict:
-        pairs = self.token_logprobs(meta, start)
-        return {"tokens": [t for t, _ in pairs], "token_logprobs": [lp for _, lp in pairs],
-                "top_logprobs": None, "text_offset": None}
+    def format_logprobs(self, meta: dict, start: int, i: int) -> dict:
+        lps, tops = self.native_logprobs(meta, 0)
+        # offsets count the echoed prompt and every earlier token, so compute all, then slice
+        full = completion_logprobs(self.tt, lps, tops, len(self.echo[i // self.n]))
+        return {k: (v[start:] if isinstance(v, list) else v) for k, v in full.items()}
 
     def choice(self, i: int, r: dict) -> dict:
-        meta = r["meta_info"]
-        return {"index": i, "text": self.echo[i // self.n] + r["text"], "finish_reason": finish_reason(meta),
-                "matched_stop": matched_stop(meta), "logprobs": self.format_logprobs(meta) if self.logprobs else None}
+        meta, echo = r["meta_info"], self.echo[i // self.n]
+        return {"index": i, "text": echo + r["text"], "finish_reason": finish_reason(meta),
+                "matched_stop": matched_stop(meta),
+                "logprobs": self.format_logprobs(meta, 0, i) if self.logprobs else None}
 
     def delta_chunks(self, i, delta, reason, lp, first) -> list[dict]:
         delta = (self.echo[i // self.n] if first else "") + delta
-        if not delta and not reason:
+        if not delta and not reason and lp is None:     # tokens still held back, nothing to say yet
             return []
         return [self.envelope([{"index": i, "text": delta, "logprobs": lp, "finish_reason": reason}])]
 
@@ -82,22 +92,54 @@ class CompletionReply(Reply):
 class ChatReply(Reply):
     id_prefix, object_name, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def format_logprobs(self, meta: dict, start: int = 0) -> dict:
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                            for t, lp in self.token_logprobs(meta, start)]}
+    def __init__(self, model, n, token_text, logprobs, top_logprobs: int = 0, parsing: ChatParsing | None = None):
+        super().__init__(model, n, token_text, logprobs, top_logprobs)
+        self.parsing = parsing or ChatParsing()
+        self.parsers: dict[int, object] = {}      # choice -> its parser chain, while streaming
+        self.called: set[int] = set()             # choices that made a tool call
+
+    def format_logprobs(self, meta: dict, start: int = 0, i: int = 0) -> dict:
+        return chat_logprobs(self.tt, *self.native_logprobs(meta, start))
+
+    def _reason(self, i: int, meta: dict) -> str | None:
+        reason = finish_reason(meta)
+        return "tool_calls" if reason == "stop" and i in self.called else reason
 
     def choice(self, i: int, r: dict) -> dict:
-        meta = r["meta_info"]
-        return {"index": i, "message": {"role": "assistant", "content": r["text"]},
-                "finish_reason": finish_reason(meta), "matched_stop": matched_stop(meta),
-                "logprobs": self.format_logprobs(meta) if self.logprobs else None}
+        meta, message = r["meta_info"], {"role": "assistant", "content": r["text"]}
+        if self.parsing.active:
+            d = self.parsing.start().parse(r["text"])
+            message["content"] = d.content or (None if d.tool_calls else "")
+            if self.parsing.reasoning:
+                message["reasoning_content"] = d.reasoning or None
+            if d.tool_calls:
+                message["tool_calls"] = d.tool_calls
+                self.called.add(i)
+        return {"index": i, "message": message, "finish_reason": self._reason(i, meta),
+                "matched_stop": matched_stop(meta), "logprobs": self.format_logprobs(meta) if self.logprobs else None}
 
     def delta_chunks(self, i, delta, reason, lp, first) -> list[dict]:
         out = []
         if first:           # OpenAI streams open each choice with the assistant role
             out.append(self.envelope([{"index": i, "delta": {"role": "assistant", "content": ""},
                                        "logprobs": None, "finish_reason": None}]))
-        if delta or reason:
-            out.append(self.envelope([{"index": i, "delta": {"content": delta} if delta else {},
-                                       "logprobs": lp, "finish_reason": reason}]))
+        fields = self._parse_delta(i, delta, final=reason is not None)
+        if fields or reason or lp is not None:
+            reason = "tool_calls" if reason == "stop" and i in self.called else reason
+            out.append(self.envelope([{"index": i, "delta": fields, "logprobs": lp, "finish_reason": reason}]))
         return out
+
+    def _parse_delta(self, i: int, delta: str, final: bool) -> dict:
+        if not self.parsing.active:
+            return {"content": delta} if delta else {}
+        parser = self.parsers.setdefault(i, self.parsing.start())
+        d, fields = parser.feed(delta, final), {}
+        if d.reasoning:
+            fields["reasoning_content"] = d.reasoning
+        if d.content:
+            fields["content"] = d.content
+        if d.tool_calls:
+            first = parser.num_calls - len(d.tool_calls)      # OpenAI numbers a choice's calls
+            fields["tool_calls"] = [{"index": first + k, **c} for k, c in enumerate(d.tool_calls)]
+            self.called.add(i)
+        return fields

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.unsupported import NATIVE, SAMPLING, refusal
 from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
 
 MAX_BATCH, MAX_TOP_LOGPROBS = 1024, 20
@@ -78,13 +79,28 @@ def _sampling(raw, count: int, vocab_size: int) -> list[SamplingParams]:
     for p in raw:
         _expect(p is None or isinstance(p, dict), "sampling_params: must be an object")
         try:
-            out.append(SamplingParams.from_dict(p, vocab_size))
+            out.append(SamplingParams.from_dict(sglang_sampling(p), vocab_size))
         except InvalidParams as e:
             raise BadRequest(f"sampling_params.{e}") from None
     return out
 
 
-def _rids(raw, count: int) -> list[str | None]:
+def sglang_sampling(p: dict | None, where: str = "sampling_params.") -> dict | None:
+    """SGLang's spellings and known-but-unsupported fields, before stage 3's strict parsing
+    (which would call them "unknown"): `sampling_seed` is SGLang's name for `seed`."""
+    if not p:
+        return p
+    why = refusal(p, SAMPLING)
+    _expect(why is None, f"{where}{why}")
+    if p.get("sampling_seed") is not None:
+        p = dict(p)
+        seed = p.pop("sampling_seed")
+        _expect(p.get("seed") in (None, seed), f"{where}sampling_seed: differs from seed; send one of them")
+        p["seed"] = seed
+    return p
+
+
+def rids_of(raw, count: int) -> list[str | None]:
     if raw is None:
         return [None] * count
     rids = [raw] if isinstance(raw, str) else raw
@@ -111,11 +127,13 @@ def parse_generate(body, vocab_size: int) -> GenerateBatch:
     params = _sampling(body.get("sampling_params"), len(prompts), vocab_size)
     top = body.get("top_logprobs_num", 0) or 0
     _expect(_is_int(top) and 0 <= top <= MAX_TOP_LOGPROBS, f"top_logprobs_num: must be in [0, {MAX_TOP_LOGPROBS}]")
-    for name in ("lora_path", "image_data"):
-        _expect(not body.get(name), f"{name}: not supported by this server")
+    why = refusal(body, NATIVE)         # never silently ignore a field that would change the answer
+    _expect(why is None, why or "")
+    _expect(not (body.get("return_logprob") and body.get("logprob_start_len") not in (None, -1)),
+            "logprob_start_len: prompt (input) logprobs are not supported yet; use -1 for output logprobs only")
     n_total = sum(p.n for p in params)
     _expect(n_total <= MAX_BATCH, f"at most {MAX_BATCH} sequences per request (prompts x n)")
-    return GenerateBatch(prompts, params, _rids(body.get("rid"), len(prompts)),
+    return GenerateBatch(prompts, params, rids_of(body.get("rid"), len(prompts)),
                          is_batch=not single or n_total > 1, stream=_flag(body, "stream"),
                          return_logprob=_flag(body, "return_logprob"), top_logprobs_num=top,
                          return_text_in_logprobs=_flag(body, "return_text_in_logprobs"))

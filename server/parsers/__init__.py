@@ -12,6 +12,6 @@ from server.parsers.reasoning import ReasoningParser
 from server.parsers.tool_calls import ToolCallParser
 
 REASONING_PARSERS = {"qwen3": ReasoningParser}
-TOOL_CALL_PARSERS = {"qwen25": ToolCallParser}
+TOOL_CALL_PARSERS = {"qwen25": ToolCallParser, "qwen": ToolCallParser}     # SGLang's two names
 
 __all__ = ["REASONING_PARSERS", "TOOL_CALL_PARSERS", "ReasoningParser", "ToolCallParser"]
