@@ -23,7 +23,10 @@ from live_server import start_server  # noqa: E402
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    handle = start_server(tmp_path_factory.mktemp("server"))
+    # The chat parsers are on as people serve Qwen3; they change nothing for requests without
+    # tools or <think> output, which is what the other tests send.
+    handle = start_server(tmp_path_factory.mktemp("server"), "--reasoning_parser", "qwen3",
+                          "--tool_call_parser", "qwen25")
     yield handle
     rc = handle.stop()
     assert rc == 0, f"server exit code {rc}\n{handle.log()[-3000:]}"
