@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 FIRST_SPECIAL_ID = 151643            # random prompts stay below Qwen's special tokens
+STAGE5_KEYS = ("disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--page_size", type=int, default=None)
     add("--schedule_policy", default=None, choices=["fifo", "cache_aware"])
     add("--disable_radix_cache", action="store_true")
+    add("--disable_cuda_graph", action="store_true", help="stage 5: decode eagerly")
+    add("--disable_overlap", action="store_true", help="stage 5: synchronous scheduler loop")
+    add("--cuda_graph_max_bs", type=int, default=None, help="stage 5: largest graph-replayed batch")
     add("--num_seqs", type=int, default=256)
     add("--min_len", type=int, default=100, help="lower bound of input and output lengths")
     add("--max_len", type=int, default=1024, help="upper bound of input and output lengths")
@@ -81,12 +85,13 @@ def random_workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
 
 def engine_class():
     """(Engine class, name): the most complete stage available at run time."""
-    try:
-        from stage4_radix.engine import Engine
-        return Engine, "stage4_radix"
-    except ImportError:
-        from stage3_scheduler.engine import Engine
-        return Engine, "stage3_scheduler"
+    for name in ("stage5_tp_cudagraph", "stage4_radix", "stage3_scheduler"):
+        try:
+            module = __import__(f"{name}.engine", fromlist=["Engine"])
+            return module.Engine, name
+        except ImportError:
+            continue
+    raise ImportError("no stage Engine found")
 
 
 def make_engine(args, **override):
@@ -95,6 +100,8 @@ def make_engine(args, **override):
     opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     opts.update(override)
     cls, name = engine_class()
+    if name == "stage5_tp_cudagraph":
+        opts.update({k: getattr(args, k) for k in STAGE5_KEYS if getattr(args, k) not in (None, False)})
     eng = cls(model=args.model, **opts)
     run_engine(eng, [[1, 2, 3, 4] * 4] * 2, [4, 4], None)        # warm-up: kernels, allocator
     eng.flush_cache()

@@ -9,10 +9,12 @@
 # repository, in third_party/ (git-ignored). The script starts the server, waits for
 # /health, runs the client with --backend sglang and with --backend sglang-oai on the
 # random-ids dataset, and stops the server. Extra env: PORT (default 30123), IN_LEN, OUT_LEN,
-# RESULTS_DIR (where bench_serving appends its JSONL results; default /tmp).
+# RANGE_RATIO (--random-range-ratio, default 0.5; 0 draws lengths from U[1, LEN]),
+# BACKENDS (default "sglang sglang-oai"), RESULTS_DIR (where bench_serving appends its JSONL
+# results; default /tmp).
 set -euo pipefail
 NUM=${1:-8}; RATE=${2:-inf}; shift 2 || true; [[ "${1:-}" == "--" ]] && shift
-PORT=${PORT:-30123}; IN_LEN=${IN_LEN:-256}; OUT_LEN=${OUT_LEN:-64}
+PORT=${PORT:-30123}; IN_LEN=${IN_LEN:-256}; OUT_LEN=${OUT_LEN:-64}; RANGE_RATIO=${RANGE_RATIO:-0.5}
 PY=${PYTHON:-python3}
 BENCH=third_party/sglang/bench_serving.py
 if [[ ! -f $BENCH ]]; then                      # fetch the wheel once, keep only the client
@@ -31,11 +33,11 @@ for _ in $(seq 600); do
   sleep 1
 done
 
-for backend in sglang sglang-oai; do
+for backend in ${BACKENDS:-sglang sglang-oai}; do
   echo "=== bench_serving --backend $backend, $NUM prompts, rate $RATE ==="
   # --tokenizer: the served model may be a bare config dir (dummy weights) without one.
   $PY $BENCH --backend $backend --host 127.0.0.1 --port "$PORT" --dataset-name random-ids \
     --num-prompts "$NUM" --random-input-len "$IN_LEN" --random-output-len "$OUT_LEN" \
-    --random-range-ratio 0.5 --request-rate "$RATE" --tokenizer "$TOKENIZER" --seed 1 \
+    --random-range-ratio "$RANGE_RATIO" --request-rate "$RATE" --tokenizer "$TOKENIZER" --seed 1 \
     --output-file "${RESULTS_DIR:-/tmp}/bench_serving_$backend.jsonl"
 done

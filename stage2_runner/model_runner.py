@@ -61,7 +61,7 @@ class ModelRunner:
         self.model_path = resolve_model_path(args.model)
         self.config = cfg = load_config(self.model_path)
         self.eos_token_ids = generation_eos_ids(self.model_path, cfg)
-        self.model = load_model(self.model_path, self.dtype, self.device, args.load_format, factory, cfg)
+        self.model = self.load_model(factory)
         self.context_length = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         layer0 = self.model.model.layers[0].self_attn
         num_slots = self.profile_num_slots(layer0.num_kv_heads)
@@ -71,6 +71,10 @@ class ModelRunner:
         self.backend = make_backend(name, self.pool, layer0.num_heads, layer0.num_kv_heads, cfg.head_dim)
         log.info("KV cache: %d token slots (page_size %d), context length %d",
                  self.pool.size, args.page_size, self.context_length)
+
+    def load_model(self, factory: LayerFactory | None):
+        """The weights-loading seam: stage 5 loads a fused twin of the same model here."""
+        return load_model(self.model_path, self.dtype, self.device, self.args.load_format, factory, self.config)
 
     def profile_num_slots(self, kv_heads: int) -> int:
         per_slot = KVPool.bytes_per_slot(self.config.num_hidden_layers, kv_heads, self.config.head_dim, self.dtype)

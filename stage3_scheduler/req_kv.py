@@ -37,13 +37,16 @@ def attach_prefix(req: Req, pool: KVPool, cache) -> None:
         pool.req_to_token[req.row, :len(slots)] = to_device(slots.to(torch.int32), pool.req_to_token.device)
 
 
-def grow(req: Req, pool: KVPool, cache, n: int) -> torch.Tensor:
-    """Slots for the next n tokens of req (evicting from the cache if needed)."""
+def grow(req: Req, pool: KVPool, cache, n: int, write: bool = True) -> torch.Tensor:
+    """Slots for the next n tokens of req (evicting from the cache if needed). write=False
+    leaves req_to_token to the caller (a decode step writes a whole batch's at once)."""
     need = pool.allocator.pages_of(req.kv_len + n) - pool.allocator.pages_of(req.kv_len)
     ensure_free(pool, cache, need * pool.allocator.page_size)
     last = int(req.slots[-1]) if req.kv_len else -1
     new = pool.allocator.alloc_extend(req.kv_len, last, n)
-    pool.req_to_token[req.row, req.kv_len:req.kv_len + n] = to_device(new.to(torch.int32), pool.req_to_token.device)
+    if write:
+        pool.req_to_token[req.row, req.kv_len:req.kv_len + n] = to_device(new.to(torch.int32),
+                                                                          pool.req_to_token.device)
     req.slots = torch.cat([req.slots, new])
     return new
 

@@ -148,8 +148,11 @@ class Scheduler(Admission):
         reqs = self._make_room(reqs)
         if not reqs:
             return []
-        locs = torch.cat([req_kv.grow(r, self.pool, self.cache, 1) for r in reqs])
-        logits = self.runner.forward(self._decode_batch(reqs, locs))
+        locs = torch.cat([req_kv.grow(r, self.pool, self.cache, 1, write=False) for r in reqs])
+        fb = self._decode_batch(reqs, locs)
+        # req_to_token[row, kv_len] = new slot, for the whole batch in one device op
+        self.pool.req_to_token[fb.req_pool_indices, fb.positions] = fb.out_cache_loc.to(torch.int32)
+        logits = self.runner.forward(fb)
         for r in reqs:
             r.kv_len += 1
         self.ratio = max(self.args.min_new_token_ratio, self.ratio - self.args.new_token_ratio_decay)

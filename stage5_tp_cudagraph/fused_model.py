@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from stage1_model.config import ModelConfig, load_config
 from stage1_model.layers import LayerFactory, RMSNorm, RotaryEmbedding
-from stage1_model.weights import init_dummy, load_safetensors
+from stage1_model.weights import build_model, load_safetensors
 from stage5_tp_cudagraph import fused_kernels as fk
 
 # merged module -> the checkpoint modules it holds, in output-row order
@@ -197,6 +197,23 @@ def build_fused_model(cfg: ModelConfig, dtype: torch.dtype, device,
     return model.eval()
 
 
+def init_dummy_as_stage1(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0,
+                         std: float = 0.02) -> None:
+    """Dummy weights equal to stage 1's `init_dummy` for the same seed: the same draws, in
+    stage 1's parameter order, routed into the merged weights through the checkpoint view
+    (so a benchmark can hand HF or the stage-1 model exactly the weights we serve)."""
+    view = CheckpointView(model).targets
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, meta in build_model(cfg, dtype, "meta").named_parameters():
+        tensor = torch.empty(meta.shape, dtype=dtype, device=device)
+        if "norm" in name:
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, std, generator=gen)
+        target = view[name]
+        target.weight_loader(target, tensor)
+
+
 def load_fused_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu",
                      load_format: str = "auto", factory: LayerFactory | None = None,
                      cfg: ModelConfig | None = None) -> FusedQwen3ForCausalLM:
@@ -206,7 +223,7 @@ def load_fused_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, 
     model = build_fused_model(cfg, dtype, device, factory)
     # Stage 1's loader reads the view: checkpoint names, missing/unexpected checks, progress.
     if load_format == "dummy":
-        init_dummy(model)
+        init_dummy_as_stage1(model, cfg, dtype, device)
     elif load_format == "auto":
         load_safetensors(CheckpointView(model), model_dir)
     else:

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without CUDA, Triton kernels can only run in Triton's interpreter. The variable is read when
+# a kernel is defined, so it is set here, before any test module imports a kernel file.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tiny models: one thread is faster than two fighting over a small, busy CPU.
 torch.set_num_threads(1)
 

@@ -118,6 +118,18 @@ def test_dummy_format_fills_merged_weights(tiny_model_dir):
     assert 0.01 < w.std() < 0.03 and torch.equal(norm, torch.ones_like(norm))   # std 0.02, norms 1
 
 
+def test_dummy_weights_equal_stage1_dummy_weights(tiny_model_dir):
+    """Same seed, same weights as stage 1's dummy init: benchmarks compare like with like."""
+    fused = load_fused_model(tiny_model_dir[0], load_format="dummy")
+    ref = load_model(tiny_model_dir[0], load_format="dummy")
+    attn, mlp = fused.model.layers[1].self_attn, fused.model.layers[1].mlp
+    r_attn, r_mlp = ref.model.layers[1].self_attn, ref.model.layers[1].mlp
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([r_attn.q_proj.weight, r_attn.k_proj.weight,
+                                                        r_attn.v_proj.weight]))
+    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([r_mlp.gate_proj.weight, r_mlp.up_proj.weight]))
+    assert torch.equal(fused.lm_head.weight, ref.lm_head.weight)
+
+
 # ------------------------------------------------------------------ GPU
 
 def copy_weights(ref, fused):

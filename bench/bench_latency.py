@@ -1,0 +1,136 @@
+"""Decode latency per token at fixed batch sizes, next to the limit measured in the same run.
+
+    python -m bench.bench_latency --model configs/qwen3-8b --load_format dummy --batch_sizes 1 8 64
+    python -m bench.bench_latency --model demo --device cpu --batch_sizes 1 --output_len 16   (smoke)
+
+For each batch size B: B random prompts of --input_len tokens, greedy, ignore_eos,
+--output_len new tokens each, through the newest stage Engine (CUDA graphs + overlap unless
+disabled). Decode ms/token = time from the first sampled token to the last / (output_len - 1).
+
+The limit (GPU only): every weight GEMM of one decode step (q, k, v, o, gate, up, down of
+each layer, and the LM head) on the model's own weights, at batch B, captured in ONE CUDA
+graph and replayed: what a decode step costs with no attention, no norms, no launch gaps.
+Printed side by side with the ratio; a markdown table, one JSON line per batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name: str, **kw) -> None:          # accept --flag_name and --flag-name
+        ap.add_argument(*dict.fromkeys([name, name.replace("_", "-")]), **kw)
+
+    add("--model", default="demo", help="'demo', a local HF Qwen3 directory, or configs/<name>")
+    add("--load_format", default="auto", choices=["auto", "dummy"])
+    add("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add("--dtype", default="auto")
+    add("--attention_backend", default=None)
+    add("--batch_sizes", type=int, nargs="+", default=[1, 8, 64])
+    add("--input_len", type=int, default=128)
+    add("--output_len", type=int, default=256)
+    add("--max_total_tokens", type=int, default=None)
+    add("--gpu_memory_utilization", type=float, default=0.85)
+    add("--disable_cuda_graph", action="store_true")
+    add("--disable_overlap", action="store_true")
+    add("--cuda_graph_max_bs", type=int, default=None)
+    add("--skip_limit", action="store_true", help="do not measure the GEMM chain")
+    add("--seed", type=int, default=0)
+    return ap
+
+
+def make_engine(args):
+    try:
+        from stage5_tp_cudagraph.engine import Engine
+        extra = dict(disable_cuda_graph=args.disable_cuda_graph, disable_overlap=args.disable_overlap)
+        if args.cuda_graph_max_bs:
+            extra["cuda_graph_max_bs"] = args.cuda_graph_max_bs
+    except ImportError:
+        from stage4_radix.engine import Engine
+        extra = {}
+    opts = dict(load_format=args.load_format, device=args.device, dtype=args.dtype,
+                attention_backend=args.attention_backend, max_total_tokens=args.max_total_tokens,
+                gpu_memory_utilization=args.gpu_memory_utilization, max_running_requests=max(args.batch_sizes),
+                disable_radix_cache=True, **extra)
+    return Engine(model=args.model, **{k: v for k, v in opts.items() if v is not None})
+
+
+def decode_ms_per_token(engine, batch: int, input_len: int, output_len: int, seed: int) -> float:
+    from stage3_scheduler.request import Req
+    from stage3_scheduler.sampling_params import SamplingParams
+    rng = random.Random(seed)
+    vocab = min(engine.runner.config.vocab_size, 151643)
+    params = SamplingParams.from_dict({"temperature": 0, "ignore_eos": True, "max_new_tokens": output_len},
+                                      engine.runner.config.vocab_size)
+    reqs = [Req(f"lat-{batch}-{i}", [rng.randrange(vocab) for _ in range(input_len)], params) for i in range(batch)]
+    sched = engine.scheduler
+    for r in reqs:
+        sched.add_request(r)
+    t_first = None
+    while sched.has_work():
+        sched.step()
+        if t_first is None and all(r.output_ids for r in reqs):
+            t_first = time.perf_counter()              # every request has its first token
+    t_end = time.perf_counter()
+    return (t_end - t_first) * 1e3 / (output_len - 1)
+
+
+@torch.inference_mode()
+def gemm_chain_ms(model, batch: int, iters: int = 50) -> float:
+    """All weight GEMMs of one decode step at batch `batch`, in one CUDA graph."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype, dev = weights[0].dtype, weights[0].device
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype, device=dev) for w in weights}
+    outputs = [torch.empty(batch, w.shape[0], dtype=dtype, device=dev) for w in weights]
+
+    def chain():
+        for w, out in zip(weights, outputs):
+            torch.matmul(inputs[w.shape[1]], w.t(), out=out)
+    chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    assert args.output_len >= 2, "need at least two output tokens to time a decode step"
+    engine = make_engine(args)
+    decode_ms_per_token(engine, 1, 16, 4, args.seed)            # warm-up (kernels, allocator)
+    on_gpu = engine.runner.device.type == "cuda"
+    graphs = getattr(engine.runner, "graphs", None) is not None
+    mode = f"graphs={'on' if graphs else 'off'}, overlap={'off' if args.disable_overlap else 'on'}"
+    print(f"| model | batch | decode ms/token | GEMM-chain limit ms | ratio | {mode}")
+    print("| --- | --- | --- | --- | --- |")
+    rows = []
+    for b in args.batch_sizes:
+        ms = decode_ms_per_token(engine, b, args.input_len, args.output_len, args.seed + b)
+        limit = gemm_chain_ms(engine.runner.model, b) if on_gpu and not args.skip_limit else None
+        ratio = f"{ms / limit:.2f}x" if limit else "-"
+        print(f"| {args.model} | {b} | {ms:.3f} | {limit and f'{limit:.3f}' or '-'} | {ratio} |", flush=True)
+        rows.append(dict(model=args.model, batch=b, input_len=args.input_len, output_len=args.output_len,
+                         decode_ms_per_token=round(ms, 4), gemm_chain_ms=limit and round(limit, 4),
+                         cuda_graphs=graphs, overlap=not args.disable_overlap,
+                         tok_per_s=round(b * 1e3 / ms, 1)))
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
