@@ -25,6 +25,7 @@ class ServerArgs:
     served_model_name: str | None = None
     reasoning_parser: str | None = None     # e.g. qwen3: <think> -> reasoning_content
     tool_call_parser: str | None = None     # e.g. qwen25: <tool_call> -> tool_calls
+    enable_cache_report: bool = False       # usage.prompt_tokens_details.cached_tokens in /v1 answers
     host: str = "127.0.0.1"                 # loopback: never all interfaces by default
     port: int = 30000
     api_key: str | None = None
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="chat: split <think> blocks into reasoning_content (qwen3)")
     _flag(g, "tool_call_parser", default=None, choices=sorted(TOOL_CALL_PARSERS),
           help="chat: accept tools and turn <tool_call> blocks into tool_calls (qwen25, for Qwen2.5 and Qwen3)")
+    _flag(g, "enable_cache_report", action="store_true",
+          help="report prefix-cache hits in /v1 usage (prompt_tokens_details.cached_tokens)")
     _flag(g, "load_format", default=d.load_format, choices=["auto", "dummy"], help="dummy: random weights")
     _flag(g, "dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
           help="auto: bfloat16 on GPU, float32 on CPU")

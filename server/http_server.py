@@ -3,7 +3,7 @@
     POST /generate              text | input_ids, single | batch, stream (SSE) or JSON
     GET|POST /flush_cache       400 while requests run
     POST /abort_request         {"rid": ...} or {"abort_all": true}
-    GET /health  /health_generate  /get_model_info  /get_server_info
+    GET /health  /health_generate  /get_model_info  /get_server_info (alias /server_info)
     /v1/...                     see openai_api.py
 
 Streaming `/generate` sends SGLang's format exactly: one `data: {json}\\n\\n` event per
@@ -149,7 +149,9 @@ def add_native_routes(app: FastAPI, tm: TokenizerManager, server_args) -> None:
         return {"model_path": path, "tokenizer_path": path, "is_generation": True}
 
     @app.get("/get_server_info")
+    @app.get("/server_info")                 # SGLang's newer name
     async def server_info():
         stats = await tm.get_stats()
         state = {"avg_spec_accept_length": None, "max_total_num_tokens": tm.pool_size, **stats}
-        return {**server_args.to_dict(), **tm.info, "version": VERSION, "internal_states": [state]}
+        return {**server_args.to_dict(), **tm.info, "version": VERSION, "max_total_num_tokens": tm.pool_size,
+                "internal_states": [state]}

@@ -45,6 +45,7 @@ class OpenAIRoutes:
         self.tt = TokenText(tm.tokenizer)
         self.reasoning_parser = getattr(server_args, "reasoning_parser", None)
         self.tool_call_parser = getattr(server_args, "tool_call_parser", None)
+        self.cache_report = getattr(server_args, "enable_cache_report", False)
 
     async def body(self, request: Request) -> dict:
         body = await read_json(request)
@@ -108,6 +109,7 @@ class OpenAIRoutes:
 
     async def run(self, request: Request, body: dict, prompts: list, params, reply):
         stream = get(body, "stream", bool, False)
+        reply.cache_report = self.cache_report
         batch = GenerateBatch(prompts, [params] * len(prompts), rids_of(body.get("rid"), len(prompts)), is_batch=True,
                               stream=stream, return_logprob=reply.logprobs, top_logprobs_num=reply.top_logprobs)
         inputs = await self.tm.prepare(batch)
@@ -122,11 +124,11 @@ class OpenAIRoutes:
         async for i, result in merge([self.tm.generate(x) for x in inputs]):
             for event in reply.chunks(i, result, latest.get(i)):
                 if continuous_usage_stats:        # this choice's counts so far, on every chunk
-                    event["usage"] = usage([result], 1)
+                    event["usage"] = usage([result], 1, reply.cache_report)
                 yield event
             latest[i] = result
         if include_usage:
-            yield reply.envelope([], usage=usage([latest[i] for i in sorted(latest)], reply.n))
+            yield reply.envelope([], usage=usage([latest[i] for i in sorted(latest)], reply.n, reply.cache_report))
 
 
 def stream_options(body: dict) -> dict:

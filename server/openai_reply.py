@@ -27,15 +27,21 @@ def matched_stop(meta: dict):
     return (meta.get("finish_reason") or {}).get("matched")
 
 
-def usage(results: list[dict], n: int) -> dict:
-    """The prompt counts once per prompt, not once per sample (OpenAI's convention)."""
-    prompt = sum(r["meta_info"]["prompt_tokens"] for i, r in enumerate(results) if i % n == 0)
+def usage(results: list[dict], n: int, cache_report: bool = False) -> dict:
+    """The prompt counts once per prompt, not once per sample (OpenAI's convention); with
+    `--enable_cache_report`, so do the prompt tokens served from the prefix cache."""
+    firsts = [r["meta_info"] for i, r in enumerate(results) if i % n == 0]
+    prompt = sum(m["prompt_tokens"] for m in firsts)
     completion = sum(r["meta_info"]["completion_tokens"] for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cache_report:
+        out["prompt_tokens_details"] = {"cached_tokens": sum(m.get("cached_tokens", 0) for m in firsts)}
+    return out
 
 
 class Reply:
     id_prefix = object_name = chunk_object = ""
+    cache_report = False          # set from --enable_cache_report
 
     def __init__(self, model: str, n: int, token_text: TokenText, logprobs: bool, top_logprobs: int = 0):
         self.id, self.model, self.n = f"{self.id_prefix}-{uuid.uuid4().hex}", model, n
@@ -53,7 +59,7 @@ class Reply:
 
     def response(self, results: list[dict]) -> dict:
         choices = [self.choice(i, r) for i, r in enumerate(results)]
-        return self.envelope(choices, obj=self.object_name, usage=usage(results, self.n))
+        return self.envelope(choices, obj=self.object_name, usage=usage(results, self.n, self.cache_report))
 
     def chunks(self, i: int, result: dict, prev: dict | None) -> list[dict]:
         old_text, old_tokens = (prev["text"], len(prev["output_ids"])) if prev else ("", 0)

@@ -139,3 +139,17 @@ def test_harmless_defaults_are_accepted(client):
     body = {"messages": USER, "max_tokens": 1, "user": "u1", "modalities": ["text"], "tool_choice": "none",
             "logit_bias": {}, "stream_reasoning": True, "separate_reasoning": True}
     assert client.post(CHAT, json=body).status_code == 200
+
+
+def test_server_info_alias_and_pool_size(client):
+    info = client.get("/server_info").json()
+    assert info["max_total_num_tokens"] == info["internal_states"][0]["max_total_num_tokens"] > 0
+    assert client.get("/get_server_info").json()["max_total_num_tokens"] == info["max_total_num_tokens"]
+
+
+def test_cache_report_counts_each_prompt_once():
+    from server.openai_reply import usage
+    results = [{"meta_info": {"prompt_tokens": 10, "completion_tokens": 3, "cached_tokens": c}} for c in (8, 0, 4, 4)]
+    assert usage(results, 2, cache_report=True) == {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32,
+                                                    "prompt_tokens_details": {"cached_tokens": 12}}
+    assert "prompt_tokens_details" not in usage(results, 2)

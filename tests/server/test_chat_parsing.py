@@ -20,7 +20,7 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 @pytest.fixture(scope="module")
 def app(tokenizer):
     app, tm, endpoints = scripted_app(tokenizer, "--served_model_name", "m", "--reasoning_parser", "qwen3",
-                                      "--tool_call_parser", "qwen25")
+                                      "--tool_call_parser", "qwen25", "--enable_cache_report")
     with TestClient(app, base_url="http://localhost") as http:
         yield http, tm, openai.OpenAI(base_url="http://localhost/v1", api_key="x", http_client=http, max_retries=0)
     endpoints.remove()
@@ -56,6 +56,7 @@ def test_reasoning_split_stream_and_not(app, tokenizer):
     msg = c.choices[0].message
     assert msg.model_extra["reasoning_content"] == "The user wants the weather."
     assert msg.content == "I can look that up." and c.choices[0].finish_reason == "stop"
+    assert c.usage.prompt_tokens_details.cached_tokens == 0          # --enable_cache_report
     reasoning, content, _, reasons, _ = collect(oai.chat.completions.create(model="m", messages=USER, stream=True))
     assert (reasoning, content, reasons) == ("The user wants the weather.", "I can look that up.", ["stop"])
 
