@@ -161,7 +161,8 @@ class TokenizerManager:
     def _result(self, state: ReqState, out: io.StrOut) -> dict:
         meta = {"id": state.inp.rid, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                 "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
-                "e2e_latency": time.perf_counter() - state.inp.arrival}
+                "e2e_latency": time.perf_counter() - state.inp.arrival,
+                "weight_version": "default"}     # SGLang's field; weights are never updated in place here
         if state.inp.return_logprob:        # SGLang's triples: [logprob, token id, text or null]
             dec = self.tokenizer.decode if state.inp.return_text_in_logprobs else None
             triple = lambda lp, t: [lp, t, dec([t]) if dec else None]  # noqa: E731

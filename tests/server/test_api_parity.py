@@ -153,3 +153,8 @@ def test_cache_report_counts_each_prompt_once():
     assert usage(results, 2, cache_report=True) == {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32,
                                                     "prompt_tokens_details": {"cached_tokens": 12}}
     assert "prompt_tokens_details" not in usage(results, 2)
+
+
+def test_meta_info_weight_version(client):
+    meta = client.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 1}}).json()["meta_info"]
+    assert meta["weight_version"] == "default"
