@@ -19,6 +19,7 @@ from stage1_model.generate import generate
 from stage1_model.model_source import tokenizer_dir
 from stage1_model.tokenizer import load_tokenizer
 from stage2_runner.batch_generate import extend
+from stage2_runner.kv_cache import OutOfSlots
 from stage2_runner.model_runner import ModelRunner, RunnerArgs
 from stage2_runner.sampler import SamplingInfo
 
@@ -91,7 +92,11 @@ def main(argv=None) -> dict:
     prompts = args.prompt or PROMPTS
     ids = [tok.encode(p) for p in prompts]
     names = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:len(ids)]
-    outs, table, steps = run_batch(runner, ids, args.max_new_tokens)
+    try:
+        outs, table, steps = run_batch(runner, ids, args.max_new_tokens)
+    except OutOfSlots as e:           # a static batch can neither wait nor retract (chapter 3 can)
+        ap.exit(1, f"{ap.prog}: out of KV slots ({e}): a static batch cannot wait or give slots back; "
+                   "raise --max_total_tokens, or see chapter 3\n")
     for name, p, i, o in zip(names, prompts, ids, outs):
         print(f"  {name}: {p!r} {len(i)} tokens -> {o} {tok.decode(o)!r}")
     show_pages(table, names, args.page_size)

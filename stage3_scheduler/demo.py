@@ -62,9 +62,9 @@ def step_line(sched, before: dict[Req, int], outs) -> tuple[str, list[str]]:
             events.append(f"chunk {r.rid} ({r.kv_len}/{r.prefill_len} prompt tokens computed)")
     for r in before:
         if r.status.value == "waiting":
-            others = min((len(q.output_ids) for q in before if q is not r), default=0)
-            events.append(f"RETRACT {r.rid}: {len(r.output_ids)} tokens generated (the fewest; others >= {others}),"
-                          f" {len(r.input_ids)}-token prompt; its slots go back to the pool")
+            others = [len(q.output_ids) for q in before if q is not r] or [0]
+            events.append(f"RETRACT {r.rid}: {len(r.output_ids)} tokens generated (the others {min(others)}.."
+                          f"{max(others)}), {len(r.input_ids)}-token prompt; its slots go back to the pool")
     events += [f"finish {o.rid} ({o.finish_reason['type']}, {o.completion_tokens} tokens)" for o in outs if o.finished]
     return f"{mode:<6} {bs:>2} reqs {tokens:>3} tokens", events
 
@@ -108,7 +108,8 @@ def main(argv=None) -> dict:
     vocab = eng.runner.config.vocab_size
     reqs = [Req(f"r{i}", eng.tokenizer.encode(p), SamplingParams.from_dict(
             {"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True}, vocab)) for i, (p, n) in enumerate(WORKLOAD)]
-    print(f"KV pool {eng.runner.pool.size} slots, chunks of {args.chunked_prefill_size} tokens; requests "
+    chunks = f"chunks of {args.chunked_prefill_size} tokens" if args.chunked_prefill_size > 0 else "no chunking"
+    print(f"KV pool {eng.runner.pool.size} slots, {chunks}; requests "
           + ", ".join(f"{r.rid} {len(r.input_ids)}+{r.params.max_new_tokens}" for r in reqs) + " (prompt+new)")
     res = run(eng, reqs)
     n_out = sum(len(r.output_ids) for r in reqs)
