@@ -8,6 +8,7 @@ few SGLang spellings are aliases (`--model-path`, `--tp-size`, `--mem-fraction-s
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,6 +17,7 @@ from server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 from stage2_runner.model_runner import RunnerArgs
 from stage3_scheduler.scheduler import SchedulerArgs
 
+API_KEY_ENV = "MINI_SGLANG_API_KEY"
 POLICY_ALIASES = {"fcfs": "fifo", "lpm": "cache_aware"}     # SGLang's names for our policies
 
 
@@ -49,6 +51,16 @@ class ServerArgs:
     disable_overlap: bool = False
     seed: int = RunnerArgs.seed
     trace_path: str | None = None
+    # hardening: limits, liveness, what may reach the app (server/README.md, "Hardening")
+    max_request_bytes: int = 32 << 20
+    max_prompt_chars: int | None = None       # None: 10 characters per token of context
+    max_prompts_per_request: int = 1024       # also the cap on prompts x n
+    allowed_hosts: list[str] | None = None
+    header_timeout: float = 10.0
+    chat_template: str | None = None
+    watchdog_timeout: float = 300.0
+    exit_on_scheduler_stall: bool = False
+    enable_metrics: bool = False
 
     def engine_options(self) -> dict:
         """Keyword arguments for the stage Engine (RunnerArgs + SchedulerArgs fields)."""
@@ -99,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("HTTP")
     _flag(g, "host", default=d.host, help="interface to bind (0.0.0.0 exposes the server to the network)")
     _flag(g, "port", type=int, default=d.port)
-    _flag(g, "api_key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    _flag(g, "api_key", default=None,
+          help=f"require 'Authorization: Bearer KEY' on every route but /health (or set {API_KEY_ENV})")
     _flag(g, "log_level", default=d.log_level, type=str.lower, choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("runtime")
     _flag(g, "device", default=d.device, choices=["cuda", "cpu"])
@@ -121,12 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "max_prefill_tokens", type=int, default=d.max_prefill_tokens, help="new tokens per extend batch")
     _flag(g, "disable_radix_cache", action="store_true", help="no prefix cache")
     _flag(g, "trace_path", default=None, help="write one JSON line per scheduler step here")
+    g = p.add_argument_group("hardening")
+    _flag(g, "max_request_bytes", type=int, default=d.max_request_bytes, help="larger bodies get 413")
+    _flag(g, "max_prompt_chars", type=int, default=None,
+          help="longer prompts get 413 before tokenizing (default: 10 x the context length)")
+    _flag(g, "max_prompts_per_request", type=int, default=d.max_prompts_per_request,
+          help="cap on prompts, and on prompts x n, in one request")
+    _flag(g, "allowed_hosts", nargs="+", default=None,
+          help="Host header names to accept ('*': any; default: localhost names when bound to loopback)")
+    _flag(g, "header_timeout", type=float, default=d.header_timeout,
+          help="close connections whose request headers take longer (seconds)")
+    _flag(g, "chat_template", default=None, help="a Jinja chat template file to use instead of the model's")
+    _flag(g, "watchdog_timeout", type=float, default=d.watchdog_timeout,
+          help="a scheduler silent this long (seconds) while it has work is declared stalled: 503s")
+    _flag(g, "exit_on_scheduler_stall", action="store_true", help="exit (code 1) when the scheduler stalls")
+    _flag(g, "enable_metrics", action="store_true", help="Prometheus metrics at /metrics")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     ns = build_parser().parse_args(argv)
     args = ServerArgs(**vars(ns))
+    if args.api_key is None:        # a flag shows in /proc/PID/cmdline; the environment does not
+        args.api_key = os.environ.get(API_KEY_ENV) or None
     args.schedule_policy = POLICY_ALIASES.get(args.schedule_policy, args.schedule_policy)
     if not (1 <= args.port <= 65535):
         raise SystemExit(f"--port must be in [1, 65535], got {args.port}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import uuid
 
 import uvicorn
@@ -26,8 +25,10 @@ from starlette.exceptions import HTTPException
 
 from server import openai_api
 from server.auth import ApiKeyMiddleware
+from server.http_guard import GuardMiddleware, default_allowed_hosts
 from server.http_utils import (ClientGone, error_response, gather, last, merge, read_json, sse_stream,
                                until_disconnect)
+from server.openapi_schema import install_openapi
 from server.tokenizer_manager import GenInput, RequestFailed, TokenizerManager
 from server.validation import BadRequest, parse_generate
 from stage3_scheduler.sampling_params import SamplingParams
@@ -57,18 +58,41 @@ def build_app(tm: TokenizerManager, server_args) -> FastAPI:
 
     app = FastAPI(title="mini-sglang", version=VERSION, lifespan=lifespan)
     app.state.tm, app.state.args = tm, server_args
+    tm.configure(server_args)
+    app.state.max_request_bytes = tm.limits.max_request_bytes
     if server_args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=server_args.api_key, open_paths={"/health"})
+    # Added last, so it runs first: a refused Host or media type never reaches auth or a route.
+    hosts = default_allowed_hosts(server_args.host, server_args.allowed_hosts)
+    app.add_middleware(GuardMiddleware, allowed_hosts=hosts, max_body_bytes=tm.limits.max_request_bytes)
     install_error_handlers(app)
     add_native_routes(app, tm, server_args)
     openai_api.add_routes(app, tm, server_args)
+    if server_args.enable_metrics:
+        add_metrics(app, tm, openai_api.served_model_name(server_args, tm.info))
+    install_openapi(app, api_key=bool(server_args.api_key))
     return app
+
+
+def add_metrics(app: FastAPI, tm: TokenizerManager, model_name: str) -> None:
+    from server.metrics import HttpMetricsMiddleware, Metrics      # prometheus-client: only when asked for
+
+    @app.get("/metrics")
+    async def metrics():
+        try:
+            stats = await tm.get_stats()
+        except RequestFailed:               # a stalled scheduler: still report what we know
+            stats = None
+        body, media_type = tm.metrics.render(stats)
+        return Response(body, media_type=media_type)
+    tm.metrics = Metrics(model_name, {r.path for r in app.routes if hasattr(r, "path")})
+    app.add_middleware(HttpMetricsMiddleware, metrics=tm.metrics)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(_, exc: BadRequest):
-        return error_response(400, str(exc))
+        return error_response(getattr(exc, "status", 400), str(exc))      # 400, or 413 for a size limit
 
     @app.exception_handler(RequestFailed)
     async def failed(_, exc: RequestFailed):
@@ -80,7 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)              # 404 unknown route, 405 wrong method
     async def http_error(_, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), exc.headers)     # keeps 405's Allow
 
     @app.exception_handler(ClientGone)
     async def gone(_, exc: ClientGone):
@@ -122,15 +146,14 @@ def add_native_routes(app: FastAPI, tm: TokenizerManager, server_args) -> None:
         if not isinstance(body, dict) or not (isinstance(body.get("rid"), str) or body.get("abort_all") is True):
             raise BadRequest('send {"rid": "<request id>"} or {"abort_all": true}')
         if body.get("abort_all") is True:
-            rids = list(tm.states)
-        else:               # a request with n > 1 runs as "<rid>-0" .. "<rid>-(n-1)"
-            child = re.compile(re.escape(body["rid"]) + r"-\d+")
-            rids = [body["rid"]] + [r for r in tm.states if child.fullmatch(r)]
-        found = [r for r in rids if tm.abort(r)]
-        return {"aborted": found}
+            return {"aborted": [tm.states[r].inp.label or r for r in list(tm.states) if tm.abort(r)]}
+        # Exactly the requests sent with this rid (and their n samples), never "<rid>-1" of another.
+        return {"aborted": [body["rid"]] if tm.abort_client_rid(body["rid"]) else []}
 
     @app.get("/health")
     async def health():
+        """200 once the scheduler answers a probe (it still steps); 503 if it is stalled or silent."""
+        await tm.check_health()
         return Response(status_code=200)
 
     @app.get("/health_generate")

@@ -17,12 +17,15 @@ import logging
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from server.limits import Limits, PayloadTooLarge
 from server.tokenizer_manager import RequestFailed
 from server.validation import BadRequest
 
 log = logging.getLogger(__name__)
-ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-               405: "MethodNotAllowed", 500: "InternalServerError", 503: "ServiceUnavailable"}
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDenied", 404: "NotFoundError",
+               405: "MethodNotAllowed", 413: "PayloadTooLarge", 415: "UnsupportedMediaType",
+               500: "InternalServerError", 503: "ServiceUnavailable"}
+BODY_TIMEOUT_S = 60.0
 
 
 class ClientGone(Exception):
@@ -33,19 +36,35 @@ def error_body(status: int, message: str) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "Error"), "param": None, "code": status}}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status_code=status)
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, counted as it arrives: a chunked body has no Content-Length to refuse early."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes (--max_request_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_json(request: Request):
-    raw = await request.body()
+    limit = getattr(request.app.state, "max_request_bytes", Limits.max_request_bytes)
+    try:                                   # a client trickling its body must not hold a task forever
+        raw = await asyncio.wait_for(_read_body(request, limit), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s") from None
     if not raw:
         raise BadRequest("the request body is empty; send a JSON object")
     try:
         body = json.loads(raw)
         json.dumps(body, ensure_ascii=False).encode("utf-8")    # rejects lone surrogates ("\ud800")
         return body
-    except (json.JSONDecodeError, UnicodeDecodeError, UnicodeEncodeError, RecursionError) as e:
+    # ValueError covers JSONDecodeError and integer literals over Python's 4,300-digit limit.
+    except (ValueError, UnicodeError, RecursionError) as e:
         raise BadRequest(f"invalid JSON: {e}") from None
 
 

@@ -124,8 +124,28 @@ def watchdog(children: Children, server, state: dict) -> None:
         time.sleep(0.5)
 
 
+def stop_on_stall(server, state: dict) -> None:
+    """--exit_on_scheduler_stall: stop with exit code 1, so a supervisor restarts the server."""
+    log.error("the scheduler stalled; shutting the server down (exit code 1)")
+    state["exit_code"] = 1
+    server.should_exit = True
+
+
 def _raise_shutdown(signum, frame):
     raise Shutdown(signal.Signals(signum).name)
+
+
+def read_chat_template(path: str) -> str:
+    """--chat_template FILE: read and compile it now, so a bad file fails at start, not per request."""
+    from jinja2 import TemplateError
+
+    from server.chat_template import ChatTemplate
+    try:
+        source = Path(path).read_text()
+        ChatTemplate(source)
+    except (OSError, UnicodeError, TemplateError) as e:
+        raise SystemExit(f"--chat_template {path}: {e}") from None
+    return source
 
 
 def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
@@ -141,6 +161,8 @@ def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
     children.spawn("detokenizer", run_detokenizer_process, args, model_path, endpoints)
     log.info("loading %s on %s (scheduler process)", args.model, args.device)
     tokenizer = load_tokenizer(tokenizer_dir(Path(model_path)))
+    if args.chat_template:          # the operator's template replaces the model's (never a request's)
+        tokenizer.chat_template = read_chat_template(args.chat_template)
     info = children.wait_ready("scheduler")
     children.wait_ready("detokenizer")
     log.info("model loaded: %d KV token slots, context length %d", info["max_total_tokens"], info["context_length"])
@@ -150,10 +172,16 @@ def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
 def serve_http(args: ServerArgs, tm, children: Children, state: dict) -> None:
     import uvicorn
 
+    from server.http_guard import HeaderTimeoutH11Protocol
     from server.http_server import HTTPServer, build_app
+    # Our h11 protocol (not "auto", which picks httptools when installed): it adds the header deadline.
+    protocol = type("HTTPProtocol", (HeaderTimeoutH11Protocol,), {"header_timeout": args.header_timeout})
     config = uvicorn.Config(build_app(tm, args), host=args.host, port=args.port, log_level=args.log_level,
-                            log_config=None, access_log=args.log_level == "debug", timeout_graceful_shutdown=3)
+                            log_config=None, access_log=args.log_level == "debug", timeout_graceful_shutdown=3,
+                            http=protocol, timeout_keep_alive=5)
     server = HTTPServer(config, tm)
+    if args.exit_on_scheduler_stall:
+        tm.on_stall = lambda: stop_on_stall(server, state)
     threading.Thread(target=watchdog, args=(children, server, state), daemon=True, name="watchdog").start()
     server.run()
 

@@ -11,12 +11,12 @@ has a `--tool_call_parser`; `--reasoning_parser` splits the answer (see openai_r
 """
 from __future__ import annotations
 
-import asyncio
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from server.chat_template import check_template_kwargs
 from server.entrypoints import tokenize
 from server.http_utils import error_response, gather, last, merge, read_json, sse_stream, until_disconnect
 from server.openai_logprobs import TokenText
@@ -27,8 +27,6 @@ from server.parsers.chat import ChatParsing
 from server.parsers.reasoning import prompt_opens_reasoning
 from server.tokenizer_manager import TokenizerManager
 from server.validation import BadRequest, GenerateBatch, check_ids, rids_of
-
-BIG_CHAT_CHARS = 4096       # render long conversations in a worker thread
 
 
 def served_model_name(server_args, info: dict) -> str:
@@ -52,7 +50,7 @@ class OpenAIRoutes:
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model")
-        if model is not None and model not in self.accepted:
+        if model is not None and not (isinstance(model, str) and model in self.accepted):    # [] is unhashable
             raise BadRequest(f"The model `{model}` does not exist. This server serves {self.name!r}.")
         return body
 
@@ -96,14 +94,18 @@ class OpenAIRoutes:
             else:
                 messages = [{"role": "system", "content": tools_text}, *messages]
 
-        def render() -> tuple[list[int], str]:
-            text = tok.apply_chat_template(messages, tools=template_list, add_generation_prompt=not continue_final,
-                                           continue_final_message=continue_final, tokenize=False, **kwargs)
+        # Sizes before any work; request kwargs are template variables only, never a template.
+        self.tm.limits.check_chars(sum(len(str(m.get("content") or "")) for m in messages), "the conversation")
+        check_template_kwargs(kwargs)
+
+        def render() -> tuple[list[int], str]:       # sandboxed, with a deadline and a size bound
+            text = self.tm.chat_template.render(messages, tools=template_list, add_generation_prompt=not continue_final,
+                                                continue_final_message=continue_final, variables=kwargs)
             return tok.encode(text, add_special_tokens=False), text     # the template wrote the special tokens
         try:
-            if sum(len(m["content"]) for m in messages) > BIG_CHAT_CHARS:
-                return await asyncio.to_thread(render)
-            return render()
+            return await self.tm.in_pool(render)       # never on the event loop, however small
+        except BadRequest:
+            raise
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation is a client error
             raise BadRequest(f"messages: the chat template failed: {e}") from None
 

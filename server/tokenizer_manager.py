@@ -17,18 +17,24 @@ import contextlib
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import zmq.asyncio
 
 from server import io_struct as io
+from server.chat_template import ChatTemplate
+from server.heartbeat import Heartbeat
 from server.ipc import pull_socket, push_socket
+from server.limits import CHARS_PER_TOKEN, Limits
 from server.validation import BadRequest, GenerateBatch, check_length
 from stage3_scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 BIG_INPUT_CHARS = 4096          # longer texts are tokenized in a worker thread
+TOKENIZER_THREADS = 4           # a bounded pool: big prompts queue here, not on the event loop
 CONTROL_TIMEOUT_S = 30.0
+HEALTH_TIMEOUT_S = 20.0         # SGLang's: /health fails when the scheduler is silent this long
 
 
 @dataclass
@@ -40,6 +46,10 @@ class GenInput:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     arrival: float = field(default_factory=time.perf_counter)     # e2e_latency counts tokenization too
+    # `rid` is internal and unique; the client's rid (if any) groups its n samples for
+    # /abort_request, and `label` (e.g. "job-1") is what meta_info.id shows.
+    client_rid: str | None = None
+    label: str | None = None
 
 
 @dataclass
@@ -52,6 +62,9 @@ class ReqState:
     top_logprobs: list = field(default_factory=list)
     finished: bool = False
     aborted_by_client: bool = False
+    first_token_at: float | None = None       # for TTFT / ITL metrics
+    last_token_at: float = 0.0
+    metric_tokens: int = 0
 
 
 class RequestFailed(Exception):
@@ -80,16 +93,38 @@ class TokenizerManager:
         self.to_scheduler = push_socket(self.ctx, endpoints.scheduler)
         self.inbox = pull_socket(self.ctx, endpoints.tokenizer)
         self.states: dict[str, ReqState] = {}
+        self.by_client: dict[str, set[str]] = {}      # client rid -> internal rids in flight
         self.queries: dict[str, asyncio.Future] = {}
         self.loop_task: asyncio.Task | None = None
+        self.limits = Limits(max_prompt_chars=self.context_length * CHARS_PER_TOKEN)
+        self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self.heartbeat = Heartbeat(300.0, probe=self._probe, on_stall=self._on_stall)
+        self.on_stall = lambda: None            # the launcher's hook (--exit_on_scheduler_stall)
+        self.metrics = None                     # server.metrics.Metrics with --enable_metrics
+        self.chat_template = self._compile_template()
+
+    def configure(self, server_args) -> None:
+        """The operator's limits and watchdog timeout (flags); defaults until this is called."""
+        self.limits = Limits.from_args(server_args, self.context_length)
+        self.heartbeat.timeout = server_args.watchdog_timeout
+        self.chat_template = self._compile_template()
+
+    def _compile_template(self) -> ChatTemplate:
+        # The rendered prompt may exceed the content limit by the template's own text.
+        tok = self.tokenizer
+        return ChatTemplate(tok.chat_template, getattr(tok, "bos_token", None), getattr(tok, "eos_token", None),
+                            self.limits.max_prompt_chars + 65536)
 
     # ---- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
-        self.loop_task = asyncio.get_running_loop().create_task(self._receive_loop())
+        loop = asyncio.get_running_loop()
+        self.loop_task = loop.create_task(self._receive_loop())
+        self.heartbeat_task = loop.create_task(self.heartbeat.run(lambda: bool(self.states or self.queries)))
 
     async def _receive_loop(self) -> None:
         while True:
             raw = await self.inbox.recv()
+            self.heartbeat.beat()                    # anything from the scheduler side: it steps
             try:
                 self._dispatch(io.tokenizer_decoder.decode(raw))
             except Exception:  # noqa: BLE001 - one bad message must not stall every request
@@ -109,27 +144,41 @@ class TokenizerManager:
     # ---- requests --------------------------------------------------------------------
     async def tokenize(self, text: str) -> list[int]:
         if len(text) > BIG_INPUT_CHARS:          # do not stall every other client on one big prompt
-            return await asyncio.to_thread(self.tokenizer.encode, text)
+            return await self.in_pool(self.tokenizer.encode, text)
         return self.tokenizer.encode(text)
+
+    async def in_pool(self, fn, *args):
+        """Run CPU-heavy work (tokenizing, chat templates) on the bounded worker pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def prepare(self, batch: GenerateBatch) -> list[GenInput]:
         """One GenInput per sequence: prompt i's n samples are at [i*n, (i+1)*n)."""
+        self.limits.check_batch(batch.prompts, batch.params)        # sizes first: before any tokenizing
+        self.check_serving()
         inputs, arrival = [], time.perf_counter()
         for prompt, params, rid in zip(batch.prompts, batch.params, batch.rids):
             ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
             check_length(len(ids), params, self.context_length, self.pool_size)
             for k in range(params.n):
-                r = rid if params.n == 1 else (f"{rid}-{k}" if rid else None)
-                if r is not None and r in self.states:
-                    raise BadRequest(f"rid: {r!r} is already in use")
-                inputs.append(GenInput(r or uuid.uuid4().hex, ids, sample_params(params, k), batch.return_logprob,
-                                       batch.top_logprobs_num, batch.return_text_in_logprobs, arrival))
+                # Internal rids are always fresh, so a client's rid never collides with (or
+                # reveals) another client's; two requests may even carry the same client rid.
+                label = rid if params.n == 1 else (f"{rid}-{k}" if rid else None)
+                inputs.append(GenInput(uuid.uuid4().hex, ids, sample_params(params, k), batch.return_logprob,
+                                       batch.top_logprobs_num, batch.return_text_in_logprobs, arrival,
+                                       client_rid=rid, label=label))
         return inputs
 
+    def check_serving(self) -> None:
+        if self.heartbeat.stalled:
+            raise RequestFailed("the scheduler is not responding (stalled); try again later", 503)
+
     async def generate(self, inp: GenInput):
-        if inp.rid in self.states:                  # checked in prepare too; this closes the race
-            raise BadRequest(f"rid: {inp.rid!r} is already in use")
+        if inp.rid in self.states:                  # internal rids are fresh; a caller reusing one is a bug
+            raise BadRequest("this request id is already in use")
+        self.check_serving()
         state = self.states[inp.rid] = ReqState(inp)
+        if inp.client_rid is not None:
+            self.by_client.setdefault(inp.client_rid, set()).add(inp.rid)
         sp = inp.params.to_dict() | {"n": 1}          # samples are separate requests here
         try:
             self._send(io.GenerateReq(inp.rid, inp.input_ids, sp, inp.return_logprob, inp.top_logprobs_num))
@@ -140,16 +189,28 @@ class TokenizerManager:
                     self._apply(state, out)
                     out = state.queue.get_nowait()
                 self._apply(state, out)
+                if self.metrics is not None:
+                    self.metrics.on_output(state, out)
                 reason = out.finish_reason or {}
                 if out.finished and reason.get("type") == "abort" and not state.aborted_by_client:
                     raise RequestFailed(reason.get("message", "request aborted"), reason.get("status_code", 400))
                 yield self._result(state, out)
         finally:
             self.states.pop(inp.rid, None)                # first: nothing may leave it behind
+            self._forget_client_rid(inp)
             if not state.finished:
                 with contextlib.suppress(Exception):
                     self._send(io.AbortReq(inp.rid))
-                log.info("request %s aborted (client gone)", inp.rid)
+                log.info("request %s aborted (client gone)", inp.label or inp.rid)
+                if self.metrics is not None:
+                    self.metrics.on_client_gone()
+
+    def _forget_client_rid(self, inp: GenInput) -> None:
+        group = self.by_client.get(inp.client_rid) if inp.client_rid is not None else None
+        if group is not None:
+            group.discard(inp.rid)
+            if not group:
+                del self.by_client[inp.client_rid]
 
     def _apply(self, state: ReqState, out: io.StrOut) -> None:
         state.text += out.text
@@ -159,7 +220,7 @@ class TokenizerManager:
         state.finished = out.finished
 
     def _result(self, state: ReqState, out: io.StrOut) -> dict:
-        meta = {"id": state.inp.rid, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+        meta = {"id": state.inp.label or state.inp.rid, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                 "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
                 "e2e_latency": time.perf_counter() - state.inp.arrival,
                 "weight_version": "default"}     # SGLang's field; weights are never updated in place here
@@ -171,6 +232,11 @@ class TokenizerManager:
                 meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in top] for top in state.top_logprobs]
         return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": meta}
 
+    def abort_client_rid(self, client_rid: str) -> bool:
+        """Abort the requests sent with this rid (its n samples), matched by structure: aborting
+        "job" never touches a request the client sent as "job-1"."""
+        return any([self.abort(rid) for rid in list(self.by_client.get(client_rid, ()))])
+
     def abort(self, rid: str) -> bool:
         state = self.states.get(rid)
         if state is None:
@@ -179,9 +245,12 @@ class TokenizerManager:
         self._send(io.AbortReq(rid))
         return True
 
-    def fail_all(self, message: str) -> None:
-        """End every request in flight with a 503 (shutdown): streams close instead of hanging."""
+    def fail_all(self, message: str, abort: bool = False) -> None:
+        """End every request in flight with a 503 (shutdown, stall): streams close instead of hanging.
+        With `abort`, the scheduler is told too, so a scheduler that recovers frees their slots."""
         for rid, state in self.states.items():
+            if abort:
+                self._send(io.AbortReq(rid))
             reason = {"type": "abort", "message": message, "status_code": 503}
             state.queue.put_nowait(io.StrOut(rid, "", [], True, reason, len(state.inp.input_ids), 0, 0))
 
@@ -189,13 +258,30 @@ class TokenizerManager:
         self.to_scheduler.send(io.encode(msg))     # never blocks: unbounded queue
 
     # ---- control queries ---------------------------------------------------------------
-    async def _query(self, msg):
+    async def _query(self, msg, timeout: float = CONTROL_TIMEOUT_S):
+        self.check_serving()
         fut = self.queries[msg.query_id] = asyncio.get_running_loop().create_future()
         self._send(msg)
         try:
-            return await asyncio.wait_for(fut, CONTROL_TIMEOUT_S)
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise RequestFailed(f"the scheduler did not answer within {timeout:.0f} s", 503) from None
         finally:
             self.queries.pop(msg.query_id, None)
+
+    async def check_health(self) -> None:
+        """Raises RequestFailed (503) unless the scheduler answers a probe, i.e. still steps."""
+        await self._query(io.StatsReq(uuid.uuid4().hex), min(HEALTH_TIMEOUT_S, self.heartbeat.timeout))
+
+    def _probe(self) -> None:
+        self._send(io.StatsReq(f"probe-{uuid.uuid4().hex}"))     # the reply is dropped; its arrival counts
+
+    def _on_stall(self) -> None:
+        self.fail_all("the scheduler stopped stepping (stalled); the request was ended", abort=True)
+        for fut in self.queries.values():
+            if not fut.done():
+                fut.set_exception(RequestFailed("the scheduler is not responding (stalled)", 503))
+        self.on_stall()
 
     async def flush_cache(self) -> bool:
         return (await self._query(io.FlushCacheReq(uuid.uuid4().hex))).success

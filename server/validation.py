@@ -19,7 +19,8 @@ MAX_BATCH, MAX_TOP_LOGPROBS = 1024, 20
 
 
 class BadRequest(ValueError):
-    """A client error; the HTTP layer answers 400 with this message."""
+    """A client error; the HTTP layer answers `status` (400) with this message."""
+    status = 400
 
 
 @dataclass

@@ -1,0 +1,167 @@
+"""The OpenAPI document (`/openapi.json`), built from typed request models.
+
+    install_openapi(app, api_key=...)    replaces app.openapi with a version that documents the bodies
+
+The routes read their JSON themselves (validation.py, openai_protocol.py) so that every error
+is a 400 with a message that names the field; FastAPI therefore sees no request models and
+its document would describe no bodies. The pydantic models here state the real contract
+(types and ranges, the same ones the validators enforce) and every error a route can answer,
+so a client generator or schemathesis can check the server against it. Unknown top-level
+fields are allowed where the server ignores them; unknown sampling parameters are not.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic.json_schema import models_json_schema
+
+from stage3_scheduler.sampling_params import MAX_N, MAX_STOP_LEN, MAX_STOP_STRINGS
+
+Ids = list[int]
+Stop = Union[str, list[str], None]
+
+
+class SamplingParamsModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="SamplingParams")
+    max_new_tokens: Optional[int] = Field(None, ge=0)
+    min_new_tokens: Optional[int] = Field(None, ge=0)
+    temperature: Optional[float] = Field(None, ge=0, le=100)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
+    stop: Stop = Field(None, description=f"at most {MAX_STOP_STRINGS} strings of 1..{MAX_STOP_LEN} characters")
+    stop_token_ids: Optional[Ids] = None
+    ignore_eos: Optional[bool] = None
+    skip_special_tokens: Optional[bool] = None
+    spaces_between_special_tokens: Optional[bool] = None
+    no_stop_trim: Optional[bool] = None
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    seed: Optional[int] = Field(None, ge=0)
+
+
+NonEmpty = Field(min_length=1)
+
+
+class GenerateRequest(BaseModel):
+    """SGLang's native /generate: exactly one of text / input_ids; a list means a batch."""
+    text: Union[Annotated[str, NonEmpty], Annotated[list[Annotated[str, NonEmpty]], NonEmpty], None] = None
+    input_ids: Union[Annotated[Ids, NonEmpty], Annotated[list[Annotated[Ids, NonEmpty]], NonEmpty], None] = None
+    sampling_params: Union[SamplingParamsModel, list[SamplingParamsModel], None] = None
+    stream: Optional[bool] = None
+    return_logprob: Optional[bool] = None
+    top_logprobs_num: Optional[int] = Field(None, ge=0, le=20)
+    return_text_in_logprobs: Optional[bool] = None
+    rid: Union[str, list[str], None] = None
+
+
+class OpenAICommon(BaseModel):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=0)
+    min_tokens: Optional[int] = Field(None, ge=0)
+    temperature: Optional[float] = Field(None, ge=0, le=100)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    stop: Stop = None
+    seed: Optional[int] = Field(None, ge=0)
+    stream: Optional[bool] = None
+    stream_options: Optional[dict] = None
+    rid: Union[str, list[str], None] = None
+
+
+class CompletionRequest(OpenAICommon):
+    prompt: Union[Annotated[str, NonEmpty], Annotated[list[Annotated[str, NonEmpty]], NonEmpty],
+                  Annotated[Ids, NonEmpty], Annotated[list[Annotated[Ids, NonEmpty]], NonEmpty]]
+    echo: Optional[bool] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict], None] = None
+
+
+class ChatCompletionRequest(OpenAICommon):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    chat_template_kwargs: Optional[dict] = Field(None, description="template variables (e.g. enable_thinking); "
+                                                 "never a template")
+
+
+class AbortOne(BaseModel):
+    rid: str
+
+
+class AbortAll(BaseModel):
+    abort_all: Literal[True]
+
+
+class AbortRequest(RootModel[Union[AbortOne, AbortAll]]):
+    """{"rid": ...} or {"abort_all": true}."""
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+BODIES = {"/generate": GenerateRequest, "/v1/completions": CompletionRequest,
+          "/v1/chat/completions": ChatCompletionRequest, "/abort_request": AbortRequest}
+STREAMING = {"/generate", "/v1/completions", "/v1/chat/completions"}
+PLAIN = {"/flush_cache": {"text/plain": {"schema": {"type": "string"}}}, "/health": {}, "/health_generate": {}}
+ERRORS = {"400": "bad input or Host header", "403": "cross-site browser request", "413": "over a size limit",
+          "415": "body not JSON", "503": "scheduler stalled or shutting down"}
+
+
+def _error(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+def _document(path: str, method: str, op: dict, api_key: bool) -> None:
+    errors = {code: text for code, text in ERRORS.items() if method == "post" or code not in ("413", "415")}
+    if api_key and path != "/health":
+        errors["401"] = "missing or wrong API key"
+    op["responses"].update({code: _error(text) for code, text in errors.items()})
+    op["responses"].pop("422", None)              # FastAPI's default; this server answers 400
+    if method == "post" and path != "/flush_cache":         # flush takes no body
+        schema = {"$ref": f"#/components/schemas/{BODIES[path].__name__}"} if path in BODIES else {"type": "object"}
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    if path in STREAMING:
+        op["responses"]["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+    if path in PLAIN:                   # a text answer, or none at all (health checks)
+        op["responses"]["200"]["content"] = PLAIN[path]
+    if "{" in path:
+        op["responses"]["404"] = _error("no such item")
+
+
+def install_openapi(app, api_key: bool = False) -> None:
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in (*BODIES.values(), ErrorResponse)],
+                                         ref_template="#/components/schemas/{model}")
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            for path, ops in doc["paths"].items():
+                for method, op in ops.items():
+                    _document(path, method, op, api_key)
+            app.openapi_schema = doc
+        return app.openapi_schema
+    app.openapi = openapi
