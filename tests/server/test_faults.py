@@ -130,10 +130,12 @@ def test_api_key_then_scheduler_crash_exits_nonzero(tmp_path):
 
 
 def test_big_prompt_does_not_block_other_clients(server):
-    """Tokenizing 2 MB of text takes ~1 s; it runs in a worker thread, so /health stays fast."""
+    """A prompt just under the character limit is tokenized in a worker thread, so /health
+    stays fast; 2 MB of text is refused (413) before any tokenizing."""
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            big = asyncio.ensure_future(c.post("/generate", json={"text": "hello world, a long text. " * 80000}))
+            assert (await c.post("/generate", json={"text": "hello world, a long text. " * 80000})).status_code == 413
+            big = asyncio.ensure_future(c.post("/generate", json={"text": "hello world, a long text. " * 3000}))
             worst = 0.0
             while not big.done():
                 t0 = time.perf_counter()

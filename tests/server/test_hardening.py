@@ -32,7 +32,13 @@ def raw_request(url: str, head: bytes) -> bytes:
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(head)
-        return s.recv(65536)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):     # headers, then the JSON body
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
 
 
 # ---- 1. sizes: refused before tokenizing, without memory growth --------------------------
