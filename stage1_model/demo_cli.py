@@ -116,6 +116,10 @@ def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
         check_model(args.model, args.load_format)
     except DemoError as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
+    if args.model == "demo" and args.device == "cpu":
+        # The demo model's matmuls are tiny: a second thread only adds spin-waiting, which on
+        # a busy 2-core machine made the chapter-3 demo 4-15x slower (3.9 s vs 14-64 s).
+        torch.set_num_threads(1)
     return args
 
 
