@@ -48,6 +48,7 @@ class ServerArgs:
     schedule_policy: str = SchedulerArgs.schedule_policy
     disable_radix_cache: bool = False
     disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256
     disable_overlap: bool = False
     seed: int = RunnerArgs.seed
     trace_path: str | None = None
@@ -73,8 +74,10 @@ class ServerArgs:
                     max_prefill_tokens=self.max_prefill_tokens, schedule_policy=self.schedule_policy,
                     trace_path=self.trace_path, disable_radix_cache=self.disable_radix_cache)
         # Stage-5 knobs travel only when they ask for something beyond the defaults.
-        extra = dict(tp=self.tp, disable_cuda_graph=self.disable_cuda_graph, disable_overlap=self.disable_overlap)
-        opts.update({k: v for k, v in extra.items() if v not in (1, False)})
+        extra = dict(tp=self.tp, disable_cuda_graph=self.disable_cuda_graph, disable_overlap=self.disable_overlap,
+                     cuda_graph_max_bs=self.cuda_graph_max_bs)
+        defaults = ServerArgs()
+        opts.update({k: v for k, v in extra.items() if v != getattr(defaults, k)})
         return opts
 
     def to_dict(self) -> dict:
@@ -125,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "cpu_kv_cache_gb", type=float, default=d.cpu_kv_cache_gb, help="KV cache size on CPU")
     _flag(g, "max_total_tokens", type=int, default=None, help="fix the KV pool size in tokens (default: from memory)")
     _flag(g, "max_running_requests", type=int, default=d.max_running_requests)
-    _flag(g, "disable_cuda_graph", action="store_true")
-    _flag(g, "disable_overlap", action="store_true", help="no overlap scheduling")
+    _flag(g, "disable_cuda_graph", action="store_true", help="run decode eagerly (no CUDA graphs)")
+    _flag(g, "cuda_graph_max_bs", type=int, default=d.cuda_graph_max_bs,
+          help="largest decode batch replayed from a CUDA graph (bigger ones run eagerly)")
+    _flag(g, "disable_overlap", action="store_true",
+          help="synchronous scheduler loop (default: schedule the next batch while the GPU runs this one)")
     _flag(g, "seed", "random_seed", type=int, default=d.seed)
     g = p.add_argument_group("scheduler")
     _flag(g, "schedule_policy", default=d.schedule_policy, choices=["fifo", "cache_aware", *POLICY_ALIASES])

@@ -46,7 +46,7 @@ def batch_generate(runner: ModelRunner, prompts: list[list[int]], max_new_tokens
             info = SamplingInfo.from_params([params or {"temperature": 0.0}] * n,
                                             runner.config.vocab_size, runner.device)
             toks = runner.sample(logits, info).tokens.tolist()
-            step_logits.append(logits)
+            step_logits.append(logits.clone())      # a graph runner reuses its output buffer
             lens = [l + len(f) for l, f in zip(lens, feed)]
             for o, t in zip(outs, toks):
                 o.append(t)

@@ -59,6 +59,7 @@ class Req:
     cached_tokens: int = 0             # prompt tokens served from the prefix cache (first admission)
     num_retractions: int = 0
     output_logprobs: list = field(default_factory=list)   # (logprob, token id) per output token
+    sampling_dict: dict | None = field(default=None, repr=False)   # params as the sampler reads them
     # reported but not yet sent
     pending: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)

@@ -207,7 +207,10 @@ class Scheduler(Admission):
         return self.runner.sample(logits, self._sampling_info(reqs, logits, generated))
 
     def _sampling_info(self, reqs: list[Req], logits: torch.Tensor, generated: list[int]) -> SamplingInfo:
-        params = [dict(r.params.to_dict(), top_logprobs_num=r.top_logprobs_num) for r in reqs]
+        for r in reqs:                # built once per request: asdict() per step costs ~10 us
+            if r.sampling_dict is None:
+                r.sampling_dict = dict(r.params.to_dict(), top_logprobs_num=r.top_logprobs_num)
+        params = [r.sampling_dict for r in reqs]
         return SamplingInfo.from_params(params, logits.shape[-1], logits.device,
                                         [(r.input_ids, r.output_ids) for r in reqs], steps=generated)
 
