@@ -52,6 +52,10 @@ class TorchBackend(AttentionBackend):
         return out
 
 
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 class TritonBackend(AttentionBackend):
     name = "triton"
 
@@ -61,15 +65,30 @@ class TritonBackend(AttentionBackend):
         from stage2_runner import triton_kernels as tk
         self.tk = tk
         self.num_kv_splits = num_kv_splits
-        self.workspace = tk.alloc_decode_workspace(max_batch, num_heads, num_kv_splits, head_dim,
-                                                   device=pool.req_to_token.device)
+        dev = pool.req_to_token.device
+        self.num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+        self.workspace = tk.alloc_decode_workspace(max_batch, num_heads, num_kv_splits, head_dim, device=dev)
+
+    def splits_for(self, batch_size: int) -> int:
+        """KV splits per request: enough (request, KV head, split) programs for ~4 waves over
+        the SMs, no more: a big batch fills the GPU by itself and extra splits are only
+        empty programs (at 64 x 8 x 16 they cost more than the attention). Depends on the
+        batch size only, so a captured graph keeps its grid."""
+        if not self.num_sms:
+            return self.num_kv_splits
+        want = -(-4 * self.num_sms // (batch_size * self.num_kv_heads))
+        return max(1, min(self.num_kv_splits, triton_next_pow2(want)))
+
+    def __call__(self, q, k, v, layer_id: int, batch: ForwardBatch) -> torch.Tensor:
+        self.tk.store_kv(k, v, self.pool.k_buffers[layer_id], self.pool.v_buffers[layer_id], batch.out_cache_loc)
+        return self.attend(q, layer_id, batch)
 
     def attend(self, q, layer_id, batch):
         out = torch.empty_like(q)
         kb, vb = self.pool.k_buffers[layer_id], self.pool.v_buffers[layer_id]
         if batch.is_decode:
             self.tk.decode_attention(q, kb, vb, out, self.pool.req_to_token, batch.req_pool_indices,
-                                     batch.seq_lens, self.scale, num_kv_splits=self.num_kv_splits,
+                                     batch.seq_lens, self.scale, num_kv_splits=self.splits_for(q.shape[0]),
                                      workspace=self.workspace)
         else:
             self.tk.extend_attention(q, kb, vb, out, self.pool.req_to_token, batch.req_pool_indices,

@@ -35,6 +35,7 @@ class SamplingInfo:
     # Host-side flags so a batch that is all greedy / unfiltered skips the O(V log V) sort
     all_greedy: bool = False
     needs_filter: bool = True
+    need_logprobs: bool = True        # False: skip the [B, V] log-softmax (nobody asked)
 
     @classmethod
     def from_params(cls, params: list[dict], vocab: int, device, histories=None, steps=None) -> "SamplingInfo":
@@ -82,7 +83,7 @@ def _history_tensors(histories, vocab: int, device) -> tuple[torch.Tensor, torch
 @dataclass
 class SampleOutput:
     tokens: torch.Tensor                 # [B] int64
-    logprobs: torch.Tensor               # [B] log p(token) under the unfiltered distribution
+    logprobs: torch.Tensor | None        # [B] log p(token) under the unfiltered distribution
     top_logprobs: torch.Tensor | None    # [B, k]
     top_ids: torch.Tensor | None         # [B, k]
 
@@ -133,6 +134,8 @@ def sample(logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:
             probs = filter_probs(probs, info)
         drawn = (probs / exponential_noise(probs.shape, info, probs.device)).argmax(-1)
         tokens = torch.where(info.temperatures == 0, greedy, drawn)
+    if not (info.need_logprobs or info.top_logprobs_num):
+        return SampleOutput(tokens, None, None, None)
     logp = torch.log_softmax(logits, dim=-1)
     out = SampleOutput(tokens, logp.gather(-1, tokens[:, None])[:, 0], None, None)
     if info.top_logprobs_num:

@@ -12,7 +12,11 @@ Contract (the `triton` backend in attention.py calls these two functions):
         new token i of request b (row extend_start_loc[b] + i of q) attends to positions
         0 .. prefix_lens[b] + i.
 
-Both read every K/V row through req_to_token (position -> slot), so any page size and any
+    store_kv(k [T, KVH, D], v [T, KVH, D], k_buffer, v_buffer, loc [T])
+        k_buffer[loc[t]] = k[t] and v_buffer[loc[t]] = v[t], in one launch (k, v may be
+        strided views, e.g. of a merged qkv output).
+
+The attention kernels read every K/V row through req_to_token (position -> slot), so any page size and any
 slot layout works. The new tokens' K/V must already be in the pool (the backend writes
 first, then attends). Softmax runs in float32 with exp2 (scores are pre-multiplied by
 log2(e)); inputs may be fp32, fp16 or bf16. head_dim need not be a power of two: the
@@ -153,7 +157,7 @@ def decode_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices,
     if workspace is None:
         workspace = alloc_decode_workspace(B, H, num_kv_splits, D, q.device)
     part_o, part_lse = workspace
-    if part_o.shape[0] < B or part_o.shape[1:] != (H, num_kv_splits, D):
+    if part_o.shape[0] < B or part_o.shape[1] != H or part_o.shape[2] < num_kv_splits or part_o.shape[3] != D:
         raise ValueError(f"decode workspace {tuple(part_o.shape)} does not fit batch {B} x "
                          f"{H} heads x {num_kv_splits} splits x head_dim {D}")
     group = H // KVH
@@ -253,3 +257,32 @@ def extend_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices,
         GROUP=H // KVH, HEAD_DIM=D, BLOCK_M=EXTEND_BLOCK_M, BLOCK_N=EXTEND_BLOCK_N, BLOCK_D=_pow2(D),
         DOT_PRECISION=_dot_precision(k_buffer.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# KV store: one program = one new token; writes its K and V rows into the pool
+# --------------------------------------------------------------------------------------
+
+@triton.jit
+def _store_kv_kernel(K, V, KBuf, VBuf, Loc, stride_kt, stride_kh, stride_vt, stride_vh, stride_bn, stride_bh,
+                     KVH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    loc = tl.load(Loc + t).to(tl.int64)
+    offs_h, offs_d = tl.arange(0, BLOCK_H), tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < KVH) & (offs_d[None, :] < HEAD_DIM)
+    dst = loc * stride_bn + offs_h[:, None] * stride_bh + offs_d[None, :]
+    k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    tl.store(KBuf + dst, k.to(KBuf.dtype.element_ty), mask=mask)
+    v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    tl.store(VBuf + dst, v.to(VBuf.dtype.element_ty), mask=mask)
+
+
+def store_kv(k, v, k_buffer, v_buffer, loc):
+    """Write new K/V rows into the pool at slots `loc` [T]: one launch instead of two index_put."""
+    T, KVH, D = k.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_buffer.is_contiguous() and v_buffer.is_contiguous()
+    if T == 0:
+        return
+    _store_kv_kernel[(T,)](k, v, k_buffer, v_buffer, loc, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           k_buffer.stride(0), k_buffer.stride(1), KVH=KVH, HEAD_DIM=D,
+                           BLOCK_H=triton.next_power_of_2(KVH), BLOCK_D=triton.next_power_of_2(D), num_warps=4)

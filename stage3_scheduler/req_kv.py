@@ -37,17 +37,29 @@ def attach_prefix(req: Req, pool: KVPool, cache) -> None:
         pool.req_to_token[req.row, :len(slots)] = to_device(slots.to(torch.int32), pool.req_to_token.device)
 
 
-def grow(req: Req, pool: KVPool, cache, n: int, write: bool = True) -> torch.Tensor:
-    """Slots for the next n tokens of req (evicting from the cache if needed). write=False
-    leaves req_to_token to the caller (a decode step writes a whole batch's at once)."""
+def grow(req: Req, pool: KVPool, cache, n: int) -> torch.Tensor:
+    """Slots for the next n tokens of req (evicting from the cache if needed)."""
     need = pool.allocator.pages_of(req.kv_len + n) - pool.allocator.pages_of(req.kv_len)
     ensure_free(pool, cache, need * pool.allocator.page_size)
     last = int(req.slots[-1]) if req.kv_len else -1
     new = pool.allocator.alloc_extend(req.kv_len, last, n)
-    if write:
-        pool.req_to_token[req.row, req.kv_len:req.kv_len + n] = to_device(new.to(torch.int32),
-                                                                          pool.req_to_token.device)
+    pool.req_to_token[req.row, req.kv_len:req.kv_len + n] = to_device(new.to(torch.int32), pool.req_to_token.device)
     req.slots = torch.cat([req.slots, new])
+    return new
+
+
+def grow_decode(reqs: list[Req], pool: KVPool, cache) -> torch.Tensor:
+    """One slot each for a decode step, allocated for the whole batch at once: [B] int64.
+    A request whose last page is full gets a fresh page; the others take the next slot of
+    their last page. The caller writes req_to_token (one device op for the batch)."""
+    P = pool.allocator.page_size
+    fresh = [r.kv_len % P == 0 for r in reqs]
+    ensure_free(pool, cache, sum(fresh) * P)
+    pages = iter(pool.allocator.alloc_pages(sum(fresh)))
+    locs = [next(pages) * P if f else int(r.slots[-1]) + 1 for r, f in zip(reqs, fresh)]
+    new = torch.tensor(locs, dtype=torch.int64)
+    for i, r in enumerate(reqs):
+        r.slots = torch.cat((r.slots, new[i:i + 1]))
     return new
 
 

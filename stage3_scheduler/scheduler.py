@@ -148,7 +148,7 @@ class Scheduler(Admission):
         reqs = self._make_room(reqs)
         if not reqs:
             return []
-        locs = torch.cat([req_kv.grow(r, self.pool, self.cache, 1, write=False) for r in reqs])
+        locs = req_kv.grow_decode(reqs, self.pool, self.cache)
         fb = self._decode_batch(reqs, locs)
         # req_to_token[row, kv_len] = new slot, for the whole batch in one device op
         self.pool.req_to_token[fb.req_pool_indices, fb.positions] = fb.out_cache_loc.to(torch.int32)
@@ -211,12 +211,15 @@ class Scheduler(Admission):
             if r.sampling_dict is None:
                 r.sampling_dict = dict(r.params.to_dict(), top_logprobs_num=r.top_logprobs_num)
         params = [r.sampling_dict for r in reqs]
-        return SamplingInfo.from_params(params, logits.shape[-1], logits.device,
+        info = SamplingInfo.from_params(params, logits.shape[-1], logits.device,
                                         [(r.input_ids, r.output_ids) for r in reqs], steps=generated)
+        info.need_logprobs = any(r.return_logprob for r in reqs)
+        return info
 
     def _commit(self, reqs: list[Req], out: SampleOutput) -> list[Req]:
         """Host side of sampling: append each token, then check the stop conditions."""
-        tokens, lps = out.tokens.tolist(), out.logprobs.tolist()
+        tokens = out.tokens.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
         top = (out.top_logprobs.tolist(), out.top_ids.tolist()) if out.top_ids is not None else None
         eos = self.runner.eos_token_ids
         for i, (r, t) in enumerate(zip(reqs, tokens)):

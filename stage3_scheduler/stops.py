@@ -16,10 +16,9 @@ TAIL_TOKENS = 8          # extra tokens decoded beyond the stop string's length
 
 
 def stop_token_ids(req: Req, eos_ids: list[int]) -> set[int]:
-    ids = set(req.params.stop_token_ids)
-    if not req.params.ignore_eos:
-        ids |= set(eos_ids)
-    return ids
+    if req.stop_ids is None:          # built once per request, checked after every token
+        req.stop_ids = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(eos_ids))
+    return req.stop_ids
 
 
 def check_stop(req: Req, eos_ids: list[int], tokenizer, context_length: int) -> dict | None:

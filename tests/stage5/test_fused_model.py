@@ -145,7 +145,7 @@ def copy_weights(ref, fused):
 def test_runner_triton_fused_equals_stock_fp32(tiny_model_dir, page):
     from stage2_runner.batch_generate import batch_generate
     path, _, cfg = tiny_model_dir
-    prompts = random_prompts(cfg.vocab_size, [1, 5, 17, 40, 90], seed=31)
+    prompts = random_prompts(cfg.vocab_size, [17, 21, 30, 40, 90], seed=31)   # all longer than the split
     runs = []
     for fused in (False, True):
         runner = make_runner(path, attention_backend="triton", device="cuda", dtype="float32", page_size=page)
