@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--disable_overlap", action="store_true")
     add("--cuda_graph_max_bs", type=int, default=None)
     add("--skip_limit", action="store_true", help="do not measure the GEMM chain")
+    add("--prefill_len", type=int, default=0, help="also time the prefill of one prompt this long")
+    add("--chunked_prefill_size", type=int, default=None)
+    add("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for the %% column (H200: 989)")
     add("--seed", type=int, default=0)
     return ap
 
@@ -59,6 +62,7 @@ def make_engine(args):
     opts = dict(load_format=args.load_format, device=args.device, dtype=args.dtype,
                 attention_backend=args.attention_backend, max_total_tokens=args.max_total_tokens,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_running_requests=max(args.batch_sizes),
+                chunked_prefill_size=args.chunked_prefill_size,
                 disable_radix_cache=True, **extra)
     return Engine(model=args.model, **{k: v for k, v in opts.items() if v is not None})
 
@@ -108,6 +112,35 @@ def gemm_chain_ms(model, batch: int, iters: int = 50) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def prefill_report(engine, n: int, peak_tflops: float) -> dict:
+    """One prompt of n tokens, one output token: time, model FLOPs (GEMMs + causal
+    attention), TFLOPS and the share of peak, next to cuBLAS running the same GEMMs."""
+    cfg, on_gpu = engine.runner.config, engine.runner.device.type == "cuda"
+    weights = sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, torch.nn.Linear))
+    attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2   # QK^T + PV, causal
+    lm_head = cfg.vocab_size * cfg.hidden_size               # logits only for the last token
+    flops = 2 * (weights - lm_head) * n + 2 * lm_head + attn
+    decode_ms_per_token(engine, 1, n, 2, seed=1)          # warm-up at this length
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    from stage3_scheduler.request import Req
+    from stage3_scheduler.sampling_params import SamplingParams
+    rng = random.Random(2)
+    r = Req("prefill", [rng.randrange(151643) % cfg.vocab_size for _ in range(n)],
+            SamplingParams.from_dict({"temperature": 0, "max_new_tokens": 1}, cfg.vocab_size))
+    engine.scheduler.add_request(r)
+    while engine.scheduler.has_work():
+        engine.scheduler.step()
+    sync()
+    ms = (time.perf_counter() - t0) * 1e3
+    gemm = gemm_chain_ms(engine.runner.model, n, iters=5) if on_gpu else None
+    return dict(prefill_tokens=n, prefill_ms=round(ms, 2), tflops=round(flops / ms / 1e9, 1),
+                pct_of_peak=round(100 * flops / ms / 1e9 / peak_tflops, 1),
+                cublas_gemms_ms=gemm and round(gemm, 2),
+                cublas_pct_of_peak=gemm and round(100 * 2 * weights * n / gemm / 1e9 / peak_tflops, 1))
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     assert args.output_len >= 2, "need at least two output tokens to time a decode step"
@@ -130,6 +163,8 @@ def main(argv=None) -> None:
                          tok_per_s=round(b * 1e3 / ms, 1)))
     for r in rows:
         print(json.dumps(r))
+    if args.prefill_len:
+        print(json.dumps(dict(model=args.model, **prefill_report(engine, args.prefill_len, args.peak_tflops))))
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def gpu_forward_ms(engine, n: int) -> float | None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    args.batch_sizes = [args.batch]
+    args.batch_sizes, args.chunked_prefill_size = [args.batch], None
     engine = make_engine(args)
     start(engine, args.batch, args.input_len)
     out = Path(args.out_dir) if args.out_dir else None

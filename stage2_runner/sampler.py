@@ -76,7 +76,9 @@ def _history_tensors(histories, vocab: int, device) -> tuple[torch.Tensor, torch
     counts = torch.zeros(len(histories), vocab, device=device)
     counts.index_put_((idx[0, :n_out], idx[1, :n_out]), torch.ones(n_out, device=device), accumulate=True)
     seen = torch.zeros(len(histories), vocab, dtype=torch.bool, device=device)
-    seen[idx[0, n_out:], idx[1, n_out:]] = True
+    # Values as device tensors: a Python scalar here would cost a host sync.
+    ones = torch.ones(idx.shape[1] - n_out, dtype=torch.bool, device=device)
+    seen.index_put_((idx[0, n_out:], idx[1, n_out:]), ones)
     return counts, seen
 
 

@@ -203,7 +203,8 @@ class Scheduler(Admission):
         eos = self.runner.eos_token_ids
         generated = [r.kv_len - len(r.input_ids) for r in reqs]
         if mask := min_tokens_mask(reqs, eos, generated):
-            logits[to_device(torch.tensor(mask).T.contiguous(), logits.device).unbind(0)] = float("-inf")
+            idx = to_device(torch.tensor(mask).T.contiguous(), logits.device)          # [2, n]
+            logits.index_put_(tuple(idx), torch.full((idx.shape[1],), float("-inf"), device=logits.device))
         return self.runner.sample(logits, self._sampling_info(reqs, logits, generated))
 
     def _sampling_info(self, reqs: list[Req], logits: torch.Tensor, generated: list[int]) -> SamplingInfo:

@@ -89,7 +89,7 @@ class OverlapScheduler(Scheduler):
                 toks = self.next_token[idx[1]]
                 info.output_counts.index_put_((idx[0], toks), torch.ones_like(toks, dtype=torch.float32),
                                               accumulate=True)
-                info.seen_mask[idx[0], toks] = True
+                info.seen_mask.index_put_((idx[0], toks), torch.ones_like(toks, dtype=torch.bool))
         return info
 
     @staticmethod
