@@ -3,7 +3,7 @@
 Shapes use T = number of tokens in the (flattened) batch, H = q heads, KVH = kv heads,
 D = head_dim. Tokens of several requests are concatenated along T, never padded.
 
-The seam (DESIGN.md §2): every Linear/Embedding is created through a `LayerFactory`.
+The seam (docs/design.md#the-seams): every Linear/Embedding is created through a `LayerFactory`.
 Stage 1 builds whole tensors; stage 5 swaps in a factory whose layers hold one tensor-
 parallel shard. Each parameter carries `weight_loader(param, full_tensor)` so the weight
 loader never needs to know how a parameter is sharded.

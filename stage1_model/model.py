@@ -2,7 +2,7 @@
 
 Contract: `Qwen3ForCausalLM(cfg).forward(input_ids [T], positions [T], attn, batch)`
 returns hidden states [T, hidden]; `compute_logits(hidden)` gives [N, vocab] float32.
-Attention is the seam (DESIGN.md §2): each layer computes q, k, v (after Qwen3's per-head
+Attention is the seam (docs/design.md#the-seams): each layer computes q, k, v (after Qwen3's per-head
 q/k RMSNorm and RoPE) and hands them to `attn(q, k, v, layer_id, batch)`, which owns the
 KV cache and returns [T, H * D]. Stage 1 passes a contiguous per-request cache; stage 2
 passes paged backends. The model itself never sees a cache.

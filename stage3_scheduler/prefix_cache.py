@@ -1,4 +1,4 @@
-"""The prefix-cache protocol (DESIGN.md §2) and the no-op cache used when caching is off.
+"""The prefix-cache protocol (docs/design.md#the-seams) and the no-op cache used when caching is off.
 
 A prefix cache owns KV pages of token prefixes that finished (or partly prefilled)
 requests left behind. The scheduler talks to it only through this protocol:

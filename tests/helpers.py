@@ -80,6 +80,6 @@ def make_runner(path, **kw):
 
 
 def assert_no_leak(runner, cache=None):
-    """DESIGN.md §5: free + cache-held == pool size once nothing runs."""
+    """docs/design.md#the-leak-invariant: free + cache-held == pool size once nothing runs."""
     held = 0 if cache is None else cache.evictable_size() + cache.protected_size()
     assert runner.pool.allocator.available_size() + held == runner.pool.size

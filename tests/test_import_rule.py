@@ -1,4 +1,6 @@
-"""Stages import backward only (DESIGN.md §2): an AST check over every module."""
+"""Stages import backward only: an AST check over every module.
+
+The rule and its reason: docs/design.md#stages-import-backward-only."""
 import ast
 from pathlib import Path
 

@@ -1,5 +1,5 @@
 """Bad input gets HTTP 400 with a JSON error saying what is wrong, and the server keeps
-serving: after every case /health answers and no KV slot is held (DESIGN.md §7)."""
+serving: after every case /health answers and no KV slot is held (docs/design.md#bad-input-and-faults)."""
 from __future__ import annotations
 
 import pytest
