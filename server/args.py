@@ -3,7 +3,8 @@
 Every flag is accepted as `--flag_name` and `--flag-name` (SGLang users type both), and a
 few SGLang spellings are aliases (`--model-path`, `--tp-size`, `--mem-fraction-static`,
 `--random-seed`). Engine defaults are read from the engine's own dataclasses, so
-`--help` shows the real values and nothing is written down twice.
+`--help` shows the real values and nothing is written down twice. `check_args` refuses a
+value or combination that cannot work (exit code 2, one line) before any process starts.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from server.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
+from stage1_model.demo_cli import DemoError, check_model, resolve_device
 from stage2_runner.model_runner import RunnerArgs
 from stage3_scheduler.scheduler import SchedulerArgs
 
@@ -158,12 +160,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class BadArgs(ValueError):
+    """A flag value or combination that cannot work; the message says what to do instead."""
+
+
+def check_args(args: ServerArgs) -> None:
+    """Refuse what cannot work before any process is spawned or weight read: otherwise the
+    mistake surfaces minutes later (after a big checkpoint loads) as a child's traceback."""
+    if not (1 <= args.port <= 65535):
+        raise BadArgs(f"--port must be in [1, 65535], got {args.port}")
+    if args.tp != 1:
+        raise BadArgs(f"--tp {args.tp}: tensor parallelism is not built yet; use --tp 1 (one GPU)")
+    if args.cuda_graph_max_bs < 1:
+        raise BadArgs(f"--cuda_graph_max_bs {args.cuda_graph_max_bs}: must be at least 1 "
+                      "(--disable_cuda_graph turns the graphs off)")
+    resolve_device(args.device)                 # --device cuda with no CUDA visible
+    check_backend(args.attention_backend, args.device)
+    check_model(args.model, args.load_format)   # a missing config.json, a file, no weights
+
+
+def check_backend(backend: str | None, device: str) -> None:
+    """The Triton and FlashAttention kernels run on a GPU only. (The demos fall back to torch
+    with a warning; a server should run what its operator asked for, or say why not.)"""
+    if device == "cpu" and backend not in (None, "torch"):
+        raise BadArgs(f"--attention_backend {backend} needs a GPU; on --device cpu only the torch "
+                      "backend works (pass --attention_backend torch, or leave it out)")
+
+
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
-    ns = build_parser().parse_args(argv)
-    args = ServerArgs(**vars(ns))
+    """argv -> ServerArgs; a bad value exits with code 2 and one line, like argparse's own errors."""
+    parser = build_parser()
+    args = ServerArgs(**vars(parser.parse_args(argv)))
     if args.api_key is None:        # a flag shows in /proc/PID/cmdline; the environment does not
         args.api_key = os.environ.get(API_KEY_ENV) or None
     args.schedule_policy = POLICY_ALIASES.get(args.schedule_policy, args.schedule_policy)
-    if not (1 <= args.port <= 65535):
-        raise SystemExit(f"--port must be in [1, 65535], got {args.port}")
+    try:
+        check_args(args)
+    except (BadArgs, DemoError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     return args
