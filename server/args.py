@@ -9,6 +9,7 @@ value or combination that cannot work (exit code 2, one line) before any process
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from dataclasses import asdict, dataclass
 
@@ -156,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "watchdog_timeout", type=float, default=d.watchdog_timeout,
           help="a scheduler silent this long (seconds) while it has work is declared stalled: 503s")
     _flag(g, "exit_on_scheduler_stall", action="store_true", help="exit (code 1) when the scheduler stalls")
-    _flag(g, "enable_metrics", action="store_true", help="Prometheus metrics at /metrics")
+    _flag(g, "enable_metrics", action="store_true",
+          help="Prometheus metrics at /metrics (needs prometheus-client: pip install 'mini-sglang[metrics]')")
     return p
 
 
@@ -174,6 +176,8 @@ def check_args(args: ServerArgs) -> None:
     if args.cuda_graph_max_bs < 1:
         raise BadArgs(f"--cuda_graph_max_bs {args.cuda_graph_max_bs}: must be at least 1 "
                       "(--disable_cuda_graph turns the graphs off)")
+    if args.enable_metrics and importlib.util.find_spec("prometheus_client") is None:
+        raise BadArgs("--enable_metrics needs prometheus-client: pip install 'mini-sglang[metrics]'")
     resolve_device(args.device)                 # --device cuda with no CUDA visible
     check_backend(args.attention_backend, args.device)
     check_model(args.model, args.load_format)   # a missing config.json, a file, no weights

@@ -63,3 +63,13 @@ def test_health_is_open_and_the_key_opens_the_rest(guarded):
     assert guarded.get("/health").status_code == 200
     assert guarded.get("/generate", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert guarded.get("/generate", headers={"authorization": "bearer s3cret"}).status_code == 200
+
+
+def test_metrics_without_prometheus_client_is_refused_at_start(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prometheus_client"
+                        else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--enable_metrics", "--device", "cpu"])
+    assert e.value.code == 2 and "mini-sglang[metrics]" in capsys.readouterr().err
