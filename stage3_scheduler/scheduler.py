@@ -222,10 +222,11 @@ class Scheduler(Admission):
         tokens = out.tokens.tolist()
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         top = (out.top_logprobs.tolist(), out.top_ids.tolist()) if out.top_ids is not None else None
-        eos = self.runner.eos_token_ids
+        eos, advanced = self.runner.eos_token_ids, []
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             if r.finished:                 # finished while this batch ran (stage 5 overlap)
                 continue
+            advanced.append(r)
             r.output_ids.append(t)
             r.pending.append(t)
             if r.return_logprob:
@@ -237,7 +238,7 @@ class Scheduler(Admission):
             reason = check_stop(r, eos, self.tokenizer, self.runner.context_length)
             if reason:
                 self._finish(r, reason, keep_in_cache=True)
-        return [r for r in reqs if r.pending or r.finished]
+        return advanced
 
     def _finish(self, r: Req, reason: dict, keep_in_cache: bool) -> None:
         r.finish(reason)
