@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from stage2_runner.forward_batch import ForwardBatch
+from stage2_runner.forward_batch import ForwardBatch, make_batch
+from stage2_runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,18 @@ class DecodeGraphs:
         return model.compute_logits(hidden)                                           # [bs, vocab]
 
     @torch.inference_mode()
+    def warm_up_extend(self, tokens: int = 16) -> None:
+        """One eager prefill in the dummy row, writing only the scratch slot: it compiles the
+        extend-path Triton kernels now, not during a user's first request (whose TTFT would
+        pay ~0.5 s for it). It reads real slots (the row's unset entries) but writes none."""
+        loc = torch.full((tokens,), self.scratch_slot, dtype=torch.int64)
+        batch = make_batch([self.dummy_row], [0], [[0] * tokens], loc, self.runner.device)
+        ModelRunner.forward(self.runner, batch)
+
+    @torch.inference_mode()
     def capture(self) -> None:
         t0, free0 = time.perf_counter(), torch.cuda.mem_get_info()[0]
+        self.warm_up_extend()
         mempool = None
         for bs in reversed(self.sizes):                  # largest first: the pool fits the rest
             batch = self.static_batch(bs, [1] * bs)

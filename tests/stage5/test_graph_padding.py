@@ -78,3 +78,35 @@ def test_batches_above_max_bs_run_eagerly(tiny_model_dir):
     assert calls == []                          # 6 > max_bs: never through the graph path
     batch_generate(runner, prompts[:4], 3)
     assert calls == [4, 4]                      # the two decode steps (the first is a prefill)
+
+
+def test_rows_left_by_a_bigger_batch_are_padded_again(tiny_model_dir):
+    """A batch of 5 (padded to 8), then of 3 (padded to 4): row 3 still holds the first
+    batch's values and must be reset, or it would write a real request's KV slot."""
+    path, _, cfg = tiny_model_dir
+    runner = padded_runner(path)
+    pool = runner.pool
+    prompts = random_prompts(cfg.vocab_size, [4, 6, 5, 7, 3], seed=8)
+    rows = [pool.alloc_row() for _ in prompts]
+    last = [-1] * 5
+    extend(runner, rows, [0] * 5, prompts, last)
+    locs = torch.cat([pool.allocator.alloc_extend(len(p), last[i], 1) for i, p in enumerate(prompts)])
+    for row, p, loc in zip(rows, prompts, locs):
+        pool.req_to_token[row, len(p)] = int(loc)
+    runner.forward(make_batch(rows, [len(p) for p in prompts], [[1]] * 5, locs, "cpu"))
+    before = [t.clone() for t in pool.k_buffers + pool.v_buffers]
+    runner.forward(make_batch(rows[:3], [len(p) for p in prompts[:3]], [[2]] * 3, locs[:3], "cpu"))
+    changed = set()
+    for old, new in zip(before, pool.k_buffers + pool.v_buffers):
+        changed |= set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
+    assert changed <= set(locs[:3].tolist()) | {runner.graphs.scratch_slot}
+
+
+def test_extend_warm_up_writes_only_the_scratch_slot(tiny_model_dir):
+    runner = padded_runner(tiny_model_dir[0])
+    before = [t.clone() for t in runner.pool.k_buffers + runner.pool.v_buffers]
+    runner.graphs.warm_up_extend()
+    changed = set()
+    for old, new in zip(before, runner.pool.k_buffers + runner.pool.v_buffers):
+        changed |= set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
+    assert changed == {runner.graphs.scratch_slot}
