@@ -6,8 +6,9 @@
 
 So no request is accepted before the model is loaded. A watchdog thread polls the children:
 if one dies, the server logs which one and its exit code, stops, and exits with code 1; it
-never hangs. SIGINT/SIGTERM stop the HTTP server and then every child; the private ZMQ
-directory is removed on the way out.
+never hangs. SIGINT/SIGTERM stop the HTTP server and then every child, with exit code 0 and
+no traceback, also when the SIGTERM goes to the whole process group (systemd, `kill -- -PGID`)
+and reaches the children first; the private ZMQ directory is removed on the way out.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ log = logging.getLogger("server")
 START_TIMEOUT_S = 1800          # big checkpoints load slowly; a dead child is noticed at once
 
 
-class Shutdown(Exception):
-    """SIGINT/SIGTERM outside uvicorn (while starting, or re-raised after it stopped)."""
+class Shutdown(BaseException):
+    """SIGINT/SIGTERM outside uvicorn (while starting, or re-raised after it stopped). Not an
+    Exception, as KeyboardInterrupt is not: library code that catches Exception while we
+    start (huggingface_hub's lazy imports do) must not swallow it."""
 
 
 def setup_logging(level: str, name: str) -> None:
@@ -40,15 +43,23 @@ def setup_logging(level: str, name: str) -> None:
 
 def child_setup(name: str, level: str) -> None:
     """In each child: Ctrl-C reaches the whole process group, but only the launcher acts on it;
-    the launcher's SIGTERM ends the child through a normal interpreter exit (clean-up runs)."""
+    a SIGTERM ends the child through a normal interpreter exit (clean-up runs)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _exit_once)
     setup_logging(level, name)
     try:                                 # name the process for ps/top (Linux; 15 chars at most)
         with open("/proc/self/comm", "w") as f:
             f.write(f"mini::{name}"[:15])
     except OSError:
         pass
+
+
+def _exit_once(signum, frame):
+    """A child's SIGTERM: exit with code 0, and ignore any SIGTERM after it. A SIGTERM to the
+    whole process group (systemd, `kill -- -PGID`) followed by the launcher's own would land in
+    the clean-up, inside a zmq socket's __del__, and print a SystemExit traceback there."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
 
 
 def check_port(host: str, port: int) -> None:
@@ -95,8 +106,9 @@ class Children:
                 raise SystemExit(f"{name} process died while starting (exit code {proc.exitcode})")
         raise SystemExit(f"{name} process did not become ready in {START_TIMEOUT_S} s")
 
-    def dead(self) -> list[str]:
-        return [f"the {n} process died (exit code {p.exitcode})" for n, p in self.procs.items() if not p.is_alive()]
+    def dead(self) -> dict[str, int]:
+        """name -> exit code of each child that has exited."""
+        return {n: p.exitcode for n, p in self.procs.items() if not p.is_alive()}
 
     def stop(self) -> None:
         self.stopping = True
@@ -111,17 +123,29 @@ class Children:
 
 
 def watchdog(children: Children, server, state: dict) -> None:
-    """Poll the children; a dead one stops the server (exit code 1), with a hard fallback."""
+    """Poll the children; a dead one stops the server, with a hard fallback. Exit code 0 means
+    a child was told to stop (a SIGTERM to the whole process group reaches it as soon as the
+    launcher): a clean stop. Anything else is a crash, and the server exits with code 1."""
     while not children.stopping:
         dead = children.dead()
         if dead and not children.stopping:      # (a child we are stopping is not a crash)
-            log.error("%s; shutting the server down (exit code 1)", ", ".join(dead))
-            state["exit_code"] = 1
+            report_dead(dead, state)
             server.should_exit = True
             time.sleep(15)                      # uvicorn should be gone by now; if not, force it
             log.error("graceful shutdown timed out; exiting")
             os._exit(1)
         time.sleep(0.5)
+
+
+def report_dead(dead: dict[str, int], state: dict) -> None:
+    """Log which children exited; a non-zero exit code makes the server's exit code 1."""
+    what = ", ".join(f"the {name} process {'died' if code else 'stopped'} (exit code {code})"
+                     for name, code in dead.items())
+    if any(dead.values()):
+        log.error("%s; shutting the server down (exit code 1)", what)
+        state["exit_code"] = 1
+    else:
+        log.info("%s; shutting the server down", what)
 
 
 def stop_on_stall(server, state: dict) -> None:
@@ -132,7 +156,16 @@ def stop_on_stall(server, state: dict) -> None:
 
 
 def _raise_shutdown(signum, frame):
+    _ignore_stop_signals()
     raise Shutdown(signal.Signals(signum).name)
+
+
+def _ignore_stop_signals() -> None:
+    """Once stopping, later SIGINT/SIGTERMs are ignored: the clean-up is bounded (5 s per child,
+    then SIGKILL), and a signal inside it (a supervisor's second SIGTERM, Ctrl-C twice) would
+    cut it short with a traceback and leave children and the ipc directory behind."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def read_chat_template(path: str) -> str:
@@ -205,6 +238,7 @@ def launch_server(args: ServerArgs) -> int:
         log.error("%s", e)
         state["exit_code"] = 1
     finally:
+        _ignore_stop_signals()
         children.stop()
         endpoints.remove()
     return state["exit_code"]

@@ -48,13 +48,16 @@ class ServerHandle:
         return self.proc.returncode
 
 
-def start_server(tmp_dir: Path, *extra: str, timeout: float = 180) -> ServerHandle:
+def start_server(tmp_dir: Path, *extra: str, timeout: float = 180, new_session: bool = False) -> ServerHandle:
+    """new_session: the server leads its own process group, so a test can signal the whole
+    group (as systemd does) without signalling pytest."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "server.launch_server", "--model", "demo", "--device", "cpu", "--port", str(port),
            "--max_total_tokens", str(POOL_TOKENS), *extra]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=new_session)
     handle = ServerHandle(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
