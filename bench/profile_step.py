@@ -79,7 +79,7 @@ def gpu_forward_ms(engine, n: int) -> float | None:
     from stage2_runner.forward_batch import make_batch
     reqs = [r for r in engine.scheduler.running if not r.prefilling]
     fb = make_batch([r.row for r in reqs], [r.kv_len - 1 for r in reqs], [[0]] * len(reqs),
-                    torch.stack([r.slots[r.kv_len - 1] for r in reqs]), engine.runner.device)
+                    torch.tensor([r.slots[r.kv_len - 1] for r in reqs]), engine.runner.device)
     engine.runner.forward(fb)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()

@@ -44,10 +44,11 @@ class SamplingInfo:
         steps: tokens each request generated before this one (default: len(output_ids)).
         Decisions are made on the host lists and every tensor reaches the device in a
         non-blocking copy, so building the info never waits for the GPU."""
-        col = lambda k, d: [float(p.get(k, d)) for p in params]  # noqa: E731
-        temps, top_ps, min_ps = col("temperature", 1.0), col("top_p", 1.0), col("min_p", 0.0)
-        fp, pp, rp = col("frequency_penalty", 0.0), col("presence_penalty", 0.0), col("repetition_penalty", 1.0)
-        top_k = [int(p.get("top_k", -1)) for p in params]
+        # One pass over the requests, then columns: [B] per parameter.
+        rows = [(float(p.get("temperature", 1.0)), float(p.get("top_p", 1.0)), float(p.get("min_p", 0.0)),
+                 float(p.get("frequency_penalty", 0.0)), float(p.get("presence_penalty", 0.0)),
+                 float(p.get("repetition_penalty", 1.0)), int(p.get("top_k", -1))) for p in params]
+        temps, top_ps, min_ps, fp, pp, rp, top_k = (list(c) for c in zip(*rows))
         floats = to_device(torch.tensor([temps, top_ps, min_ps, fp, pp, rp], dtype=torch.float32), device)
         if steps is None:
             steps = [len(h[1]) for h in histories] if histories else [0] * len(params)

@@ -24,7 +24,7 @@ class Status(str, Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """Tokens one request produced in one step (what the server streams)."""
     rid: str
@@ -53,7 +53,7 @@ class Req:
     row: int = -1                      # req_to_token row
     kv_len: int = 0                    # tokens whose K/V are in the pool
     prefill_len: int = 0               # tokens to prefill since admission (prompt + output so far)
-    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+    slots: list[int] = field(default_factory=list)   # a list: a decode step appends one in O(1)
     cached_len: int = 0                # leading slots owned by the prefix cache (locked)
     cache_node: object = None
     cached_tokens: int = 0             # prompt tokens served from the prefix cache (first admission)
@@ -80,7 +80,7 @@ class Req:
 
     @property
     def finished(self) -> bool:
-        return self.status == Status.FINISHED
+        return self.status is Status.FINISHED
 
     def finish(self, reason: dict) -> None:
         self.status, self.finish_reason = Status.FINISHED, reason

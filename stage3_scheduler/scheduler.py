@@ -129,7 +129,7 @@ class Scheduler(Admission):
     def _extend(self, batch: list[tuple[Req, int]]) -> list[Req]:
         reqs = [r for r, _ in batch]
         toks = [r.all_ids[r.kv_len:r.kv_len + n] for r, n in batch]
-        locs = torch.cat([r.slots[r.kv_len:r.kv_len + n] for r, n in batch])
+        locs = torch.tensor([s for r, n in batch for s in r.slots[r.kv_len:r.kv_len + n]], dtype=torch.int64)
         fb = make_batch([r.row for r in reqs], [r.kv_len for r in reqs], toks, locs, self.runner.device)
         logits = self.runner.forward(fb)
         for r, n in batch:

@@ -10,6 +10,8 @@ those paths were no-ops; here they do real work.
 """
 from __future__ import annotations
 
+import torch
+
 from stage3_scheduler.engine import Engine as Stage3Engine
 from stage4_radix.radix_cache import RadixCache
 
@@ -27,5 +29,5 @@ class Engine(Stage3Engine):
         sched.check_invariant()
         if isinstance(self.cache, RadixCache):
             # A running request owns its slots after the cached prefix (cached_len is page-aligned).
-            owned = [r.slots[r.cached_len:] for r in sched.running]
+            owned = [torch.tensor(r.slots[r.cached_len:], dtype=torch.int64) for r in sched.running]
             self.cache.check_integrity(sched.pool.size, owned)
