@@ -23,7 +23,8 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 class LayerFactory:
     """Creates the model's linear layers. `kind` says how TP would split it:
-    'column' (split outputs: q/k/v/gate/up), 'row' (split inputs: o/down)."""
+    'column' (split outputs: q/gate/up), 'kv' (k/v: split by KV head, each head kept
+    whole and copied when there are fewer heads than ranks), 'row' (split inputs: o/down)."""
 
     def linear(self, in_features: int, out_features: int, kind: str) -> nn.Module:
         layer = nn.Linear(in_features, out_features, bias=False)

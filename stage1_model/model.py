@@ -24,8 +24,8 @@ class Qwen3Attention(nn.Module):
         self.num_heads = factory.local_heads(cfg.num_attention_heads)
         self.num_kv_heads = factory.local_heads(cfg.num_key_value_heads)
         self.q_proj = factory.linear(cfg.hidden_size, cfg.num_attention_heads * D, "column")
-        self.k_proj = factory.linear(cfg.hidden_size, cfg.num_key_value_heads * D, "column")
-        self.v_proj = factory.linear(cfg.hidden_size, cfg.num_key_value_heads * D, "column")
+        self.k_proj = factory.linear(cfg.hidden_size, cfg.num_key_value_heads * D, "kv")
+        self.v_proj = factory.linear(cfg.hidden_size, cfg.num_key_value_heads * D, "kv")
         self.o_proj = factory.linear(cfg.num_attention_heads * D, cfg.hidden_size, "row")
         # Qwen3's qk-norm: an RMSNorm over head_dim, shared by all heads.
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)

@@ -12,6 +12,8 @@ What differs from stage 1, per layer (~12 launches instead of ~65):
   - q/k/v is one GEMM (`qkv_proj`), gate/up is one GEMM (`gate_up_proj`). Checkpoints keep
     the separate HF tensors; PACKED_MODULES says which checkpoint tensor fills which slice,
     and the merged weight's `weight_loader(param, tensor, shard)` copies it there.
+    Under tensor parallelism each part contributes only this rank's rows (its q heads, its
+    KV heads, its gate/up features): the merged GEMM stays column-parallel (tp_layers.py).
   - residual add + RMSNorm, q/k norm + RoPE and SiLU-and-mul are one Triton kernel each
     (fused_kernels.py). The residual stream is carried between layers, SGLang-style:
     each layer returns (sublayer output, residual) and the next norm adds them.
@@ -29,6 +31,7 @@ from stage1_model.config import ModelConfig, load_config
 from stage1_model.layers import LayerFactory, RMSNorm, RotaryEmbedding
 from stage1_model.weights import build_model, load_safetensors
 from stage5_tp_cudagraph import fused_kernels as fk
+from stage5_tp_cudagraph.tp_layers import column_shard, shard_of
 
 # merged module -> the checkpoint modules it holds, in output-row order
 PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -37,8 +40,10 @@ PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("
 # ---------------------------------------------------------------- packed weight loading
 
 def packed_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str) -> None:
-    """Copy one checkpoint tensor (e.g. k_proj.weight) into its rows of the merged weight."""
+    """Copy one checkpoint tensor (e.g. k_proj.weight) into its rows of the merged weight;
+    under tensor parallelism, only this rank's rows of it (`tp_rows`: first row, rows, all rows)."""
     start, size = param.shards[shard]
+    loaded = shard_of(loaded, 0, *param.tp_rows[shard])   # this rank's k heads, say (all at TP=1)
     target = param.data.narrow(0, start, size)            # rows [start, start + size): a view
     if target.shape != loaded.shape:
         raise ValueError(f"shape mismatch: {shard} slice {tuple(target.shape)} "
@@ -46,11 +51,18 @@ def packed_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str) 
     target.copy_(loaded)
 
 
-def merged_linear(factory: LayerFactory, in_features: int, merged: str, sizes: list[int]) -> nn.Module:
-    """One column linear whose output rows are the concatenation of PACKED_MODULES[merged]."""
-    layer = factory.linear(in_features, sum(sizes), "column")
+def merged_linear(factory: LayerFactory, in_features: int, merged: str, parts: list[tuple[int, str]]) -> nn.Module:
+    """One column linear whose output rows are the concatenation of PACKED_MODULES[merged];
+    parts: (full rows, TP kind) of each. Under TP each part contributes this rank's rows
+    (its q heads, its KV heads, its gate/up features), so the merged GEMM needs no
+    communication: it is a column-parallel layer made of several column-parallel ones."""
+    tp_rows = [column_shard(factory, rows, kind) for rows, kind in parts]   # (first row, rows, all) per part
+    sizes = [size for _, size, _ in tp_rows]
+    layer = LayerFactory().linear(in_features, sum(sizes), "column")        # the local rows only
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    layer.weight.shards = dict(zip(PACKED_MODULES[merged], zip(offsets, sizes)))  # name -> (row, rows)
+    names = PACKED_MODULES[merged]
+    layer.weight.shards = dict(zip(names, zip(offsets, sizes)))  # name -> (row, rows) in the merged weight
+    layer.weight.tp_rows = dict(zip(names, tp_rows))             # name -> (row, rows, all) in the checkpoint
     layer.weight.weight_loader = packed_weight_loader
     return layer
 
@@ -109,7 +121,8 @@ class FusedAttention(nn.Module):
         self.num_kv_heads = factory.local_heads(cfg.num_key_value_heads)
         H, KVH = cfg.num_attention_heads, cfg.num_key_value_heads
         # qkv rows: [q heads | k heads | v heads], the order qk_norm_rope expects
-        self.qkv_proj = merged_linear(factory, cfg.hidden_size, "qkv_proj", [H * D, KVH * D, KVH * D])
+        self.qkv_proj = merged_linear(factory, cfg.hidden_size, "qkv_proj",
+                                      [(H * D, "column"), (KVH * D, "kv"), (KVH * D, "kv")])
         self.o_proj = factory.linear(H * D, cfg.hidden_size, "row")
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)         # parameters only: the kernel applies them
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -124,7 +137,7 @@ class FusedAttention(nn.Module):
 class FusedMLP(nn.Module):
     def __init__(self, hidden: int, inter: int, factory: LayerFactory):
         super().__init__()
-        self.gate_up_proj = merged_linear(factory, hidden, "gate_up_proj", [inter, inter])
+        self.gate_up_proj = merged_linear(factory, hidden, "gate_up_proj", [(inter, "column"), (inter, "column")])
         self.down_proj = factory.linear(inter, hidden, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,11 +234,18 @@ def load_fused_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, 
     model_dir = Path(model_dir)
     cfg = cfg or load_config(model_dir)
     model = build_fused_model(cfg, dtype, device, factory)
+    fill_weights(model, model_dir, load_format, cfg, dtype, device)
+    return model
+
+
+def fill_weights(model: nn.Module, model_dir: Path, load_format: str, cfg: ModelConfig, dtype, device) -> None:
+    """Checkpoint or dummy weights through every parameter's weight_loader: works for the
+    fused and the stage-1 model, whole or sharded by a TP factory (each rank gets its slice
+    of the same full tensors, so TP=N and TP=1 hold the same model)."""
     # Stage 1's loader reads the view: checkpoint names, missing/unexpected checks, progress.
     if load_format == "dummy":
         init_dummy_as_stage1(model, cfg, dtype, device)
     elif load_format == "auto":
-        load_safetensors(CheckpointView(model), model_dir)
+        load_safetensors(CheckpointView(model), Path(model_dir))
     else:
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
-    return model

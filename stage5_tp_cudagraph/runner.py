@@ -8,16 +8,27 @@ kernels, ~12 launches per layer instead of ~65). Decode forward: `forward` sends
 requests to `DecodeGraphs.run`; extends and larger decode batches run eagerly, exactly as
 in stage 2. Graphs need a backend whose decode reads nothing on the host: the Triton one.
 With another backend, or on CPU, or with `disable_cuda_graph`, every batch runs eagerly.
+
+Tensor parallelism (when `parallel.init_tp` ran in this process): the model is built with
+`TPLayerFactory` (this rank's shard of every layer, tp_layers.py), the KV pool gets the
+smallest slot count of all ranks (every rank must admit the same requests), and the
+sampled ids are broadcast from rank 0, so the ranks can never drift apart. Every rank
+captures the same graph sizes in the same order (they depend only on max_bs), so their
+NCCL all-reduces pair up; `close()` drops the graphs before the process group goes.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
+from stage1_model.weights import build_model
 from stage2_runner.forward_batch import ForwardBatch
 from stage2_runner.model_runner import ModelRunner, RunnerArgs
+from stage2_runner.sampler import SampleOutput, SamplingInfo
 from stage5_tp_cudagraph.cuda_graph import DecodeGraphs
-from stage5_tp_cudagraph.fused_model import load_fused_model
+from stage5_tp_cudagraph.fused_model import fill_weights, load_fused_model
+from stage5_tp_cudagraph.parallel import get_tp
+from stage5_tp_cudagraph.tp_layers import TPLayerFactory
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +39,18 @@ class Stage5Args:
     cuda_graph_max_bs: int = 256           # largest decode batch replayed from a graph
     disable_overlap: bool = False          # True: stage 3's synchronous scheduler loop
     disable_fused_kernels: bool = False    # True: stage 1's modules (fused ones need CUDA)
-    tp: int = 1
+    tp: int = 1                            # tensor-parallel ranks (engine.py starts them)
+    nnodes: int = 1                        # machines the tp ranks are spread over
+    node_rank: int = 0
+    dist_init_addr: str | None = None      # "HOST:PORT" where rank 0 listens (default: a free local port)
+    dist_timeout: float = 600.0            # seconds to wait for every rank to join
+    tp_rank: int | None = None             # None: this process is rank 0 and starts the others
 
 
 class GraphModelRunner(ModelRunner):
     def __init__(self, args: RunnerArgs, stage5: Stage5Args | None = None, factory=None):
         self.stage5 = stage5 = stage5 or Stage5Args()
+        self.tp = get_tp()
         super().__init__(args, factory)
         self.graphs: DecodeGraphs | None = None
         why_not = self._why_no_graphs(stage5)
@@ -44,11 +61,34 @@ class GraphModelRunner(ModelRunner):
         self.graphs = DecodeGraphs(self, max_bs)
 
     def load_model(self, factory):
-        """On a GPU, the fused twin of the stage-1 model (merged GEMMs, Triton kernels)."""
-        if self.device.type != "cuda" or self.stage5.disable_fused_kernels:
+        """On a GPU, the fused twin of the stage-1 model (merged GEMMs, Triton kernels);
+        under TP, either one built from this rank's shards."""
+        if self.tp is not None and factory is None:
+            factory = TPLayerFactory(self.config, self.tp)
+        if self.device.type == "cuda" and not self.stage5.disable_fused_kernels:
+            return load_fused_model(self.model_path, self.dtype, self.device, self.args.load_format, factory,
+                                    self.config)
+        if self.tp is None:
             return super().load_model(factory)
-        return load_fused_model(self.model_path, self.dtype, self.device, self.args.load_format, factory,
-                                self.config)
+        model = build_model(self.config, self.dtype, self.device, factory)
+        fill_weights(model, self.model_path, self.args.load_format, self.config, self.dtype, self.device)
+        return model
+
+    def profile_num_slots(self, kv_heads: int) -> int:
+        """Every rank runs the same batches, so all get the pool of the tightest one."""
+        slots = super().profile_num_slots(kv_heads)
+        return slots if self.tp is None else self.tp.min_int(slots)
+
+    def sample(self, logits, info: SamplingInfo) -> SampleOutput:
+        out = super().sample(logits, info)
+        if self.tp is not None:        # one tiny collective: the ranks' ids can never differ
+            self.tp.broadcast(out.tokens)
+        return out
+
+    def close(self) -> None:
+        """Drop the CUDA graphs (before the process group, which their all-reduces use)."""
+        if self.graphs is not None:
+            self.graphs.close()
 
     def _why_no_graphs(self, stage5: Stage5Args) -> str | None:
         if stage5.disable_cuda_graph:
