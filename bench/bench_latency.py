@@ -20,31 +20,18 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
+
+from bench.common import add_engine_flags, parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def add(name: str, **kw) -> None:          # accept --flag_name and --flag-name
-        ap.add_argument(*dict.fromkeys([name, name.replace("_", "-")]), **kw)
-
-    add("--model", default="demo", help="'demo', a local HF Qwen3 directory, or configs/<name>")
-    add("--load_format", default="auto", choices=["auto", "dummy"])
-    add("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    add("--dtype", default="auto")
-    add("--attention_backend", default=None)
+    ap, add = parser(__doc__)
+    add_engine_flags(add)
     add("--batch_sizes", type=int, nargs="+", default=[1, 8, 64])
     add("--input_len", type=int, default=128)
     add("--output_len", type=int, default=256)
-    add("--max_total_tokens", type=int, default=None)
-    add("--gpu_memory_utilization", type=float, default=0.85)
-    add("--disable_cuda_graph", action="store_true")
-    add("--disable_overlap", action="store_true")
-    add("--cuda_graph_max_bs", type=int, default=None)
     add("--skip_limit", action="store_true", help="do not measure the GEMM chain")
     add("--prefill_len", type=int, default=0, help="also time the prefill of one prompt this long")
-    add("--chunked_prefill_size", type=int, default=None)
     add("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for the %% column (H200: 989)")
     add("--seed", type=int, default=0)
     return ap

@@ -29,31 +29,19 @@ import time
 import torch
 from tqdm import tqdm
 
+from bench.common import add_engine_flags, parser
+
 FIRST_SPECIAL_ID = 151643            # random prompts stay below Qwen's special tokens
 STAGE5_KEYS = ("disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def add(name: str, **kw) -> None:          # accept --flag_name and --flag-name
-        ap.add_argument(*dict.fromkeys([name, name.replace("_", "-")]), **kw)
-
-    add("--model", default="demo", help="'demo', a local HF Qwen3 directory, or configs/<name>")
-    add("--load_format", default="auto", choices=["auto", "dummy"])
-    add("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    add("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float16 | float32")
-    add("--attention_backend", default=None, help="torch | triton | fa (default: triton on GPU)")
-    add("--max_total_tokens", type=int, default=None, help="KV pool slots (default: from memory)")
-    add("--gpu_memory_utilization", type=float, default=0.85)
+    ap, add = parser(__doc__)
+    add_engine_flags(add)
     add("--max_running_requests", type=int, default=None)
-    add("--chunked_prefill_size", type=int, default=None)
     add("--page_size", type=int, default=None)
     add("--schedule_policy", default=None, choices=["fifo", "cache_aware"])
     add("--disable_radix_cache", action="store_true")
-    add("--disable_cuda_graph", action="store_true", help="stage 5: decode eagerly")
-    add("--disable_overlap", action="store_true", help="stage 5: synchronous scheduler loop")
-    add("--cuda_graph_max_bs", type=int, default=None, help="stage 5: largest graph-replayed batch")
     add("--num_seqs", type=int, default=256)
     add("--min_len", type=int, default=100, help="lower bound of input and output lengths")
     add("--max_len", type=int, default=1024, help="upper bound of input and output lengths")

@@ -24,21 +24,16 @@ from pathlib import Path
 import torch
 
 from bench.bench_latency import make_engine
+from bench.common import add_engine_flags, parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, kw in [("--model", dict(default="demo")), ("--load_format", dict(default="auto")),
-                     ("--device", dict(default=None)), ("--dtype", dict(default="auto")),
-                     ("--attention_backend", dict(default=None)), ("--batch", dict(type=int, default=1)),
-                     ("--input_len", dict(type=int, default=128)), ("--steps", dict(type=int, default=30)),
-                     ("--max_total_tokens", dict(type=int, default=None)),
-                     ("--gpu_memory_utilization", dict(type=float, default=0.85)),
-                     ("--disable_cuda_graph", dict(action="store_true")),
-                     ("--disable_overlap", dict(action="store_true")),
-                     ("--cuda_graph_max_bs", dict(type=int, default=None)),
-                     ("--out_dir", dict(default=None, help="write the table, trace and cProfile here"))]:
-        ap.add_argument(*dict.fromkeys([name, name.replace("_", "-")]), **kw)   # --flag_name and --flag-name
+    ap, add = parser(__doc__)
+    add_engine_flags(add)
+    add("--batch", type=int, default=1)
+    add("--input_len", type=int, default=128)
+    add("--steps", type=int, default=30)
+    add("--out_dir", default=None, help="write the table, trace and cProfile here")
     return ap
 
 
@@ -93,7 +88,7 @@ def gpu_forward_ms(engine, n: int) -> float | None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    args.batch_sizes, args.chunked_prefill_size = [args.batch], None
+    args.batch_sizes = [args.batch]
     engine = make_engine(args)
     start(engine, args.batch, args.input_len)
     out = Path(args.out_dir) if args.out_dir else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from stage1_model.demo_cli import add_flag, add_model_args, demo_parser, friendly_errors, parse
 from stage1_model.generate import generate

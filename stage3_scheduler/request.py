@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
 
 from stage3_scheduler.sampling_params import SamplingParams
 

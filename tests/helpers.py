@@ -83,3 +83,16 @@ def assert_no_leak(runner, cache=None):
     """docs/design.md#the-leak-invariant: free + cache-held == pool size once nothing runs."""
     held = 0 if cache is None else cache.evictable_size() + cache.protected_size()
     assert runner.pool.allocator.available_size() + held == runner.pool.size
+
+
+def snapshot(pool) -> list[torch.Tensor]:
+    """Copies of every layer's K and V buffers (to see later which slots a step wrote)."""
+    return [t.clone() for t in pool.k_buffers + pool.v_buffers]
+
+
+def written_slots(before: list[torch.Tensor], pool) -> set[int]:
+    """KV slots (rows of any layer's K or V buffer) that changed since `before`."""
+    changed = set()
+    for old, new in zip(before, pool.k_buffers + pool.v_buffers):
+        changed |= set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
+    return changed

@@ -10,7 +10,7 @@
 import pytest
 import torch
 
-from helpers import random_prompts
+from helpers import random_prompts, snapshot, written_slots
 from stage2_runner.batch_generate import batch_generate
 from stage2_runner.forward_batch import make_batch
 from stage2_runner.model_runner import RunnerArgs
@@ -66,13 +66,10 @@ def test_padded_replay_writes_only_scratch(tiny_model_dir):
     for row, s in zip(rows, slots):
         pool.req_to_token[row, :len(s)] = s.to("cuda", torch.int32)
     runner.forward(make_batch(rows, [0] * 3, prompts, torch.cat([s[:-1] for s in slots]), "cuda"))
-    before = [t.clone() for t in pool.k_buffers + pool.v_buffers]
+    before = snapshot(pool)
     locs = torch.stack([s[-1] for s in slots])
     runner.forward(make_batch(rows, [len(p) for p in prompts], [[1], [2], [3]], locs, "cuda"))  # 3 -> 4
-    changed = set()
-    for old, new in zip(before, pool.k_buffers + pool.v_buffers):
-        changed |= set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
-    assert changed == set(locs.tolist()) | {runner.graphs.scratch_slot}
+    assert written_slots(before, pool) == set(locs.tolist()) | {runner.graphs.scratch_slot}
 
 
 def _run(eng, prompts, params):

@@ -8,7 +8,7 @@ padded run may write no KV slot but the batch's own and the scratch slot.
 import pytest
 import torch
 
-from helpers import make_runner, random_prompts
+from helpers import make_runner, random_prompts, snapshot, written_slots
 from stage2_runner.batch_generate import batch_generate, extend
 from stage2_runner.forward_batch import make_batch
 from stage2_runner.model_runner import RunnerArgs
@@ -58,12 +58,10 @@ def test_padded_rows_write_only_the_scratch_slot(tiny_model_dir):
     locs = torch.cat([pool.allocator.alloc_extend(len(p), last[i], 1) for i, p in enumerate(prompts)])
     for row, p, loc in zip(rows, prompts, locs):
         pool.req_to_token[row, len(p)] = int(loc)
-    before = [t.clone() for t in pool.k_buffers + pool.v_buffers]
+    before = snapshot(pool)
     batch = make_batch(rows, [len(p) for p in prompts], [[1], [2], [3]], locs, "cpu")
     runner.forward(batch)
-    changed = set()
-    for old, new in zip(before, pool.k_buffers + pool.v_buffers):
-        changed |= set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
+    changed = written_slots(before, pool)
     assert changed == set(locs.tolist()) | {runner.graphs.scratch_slot}
 
 
@@ -94,19 +92,16 @@ def test_rows_left_by_a_bigger_batch_are_padded_again(tiny_model_dir):
     for row, p, loc in zip(rows, prompts, locs):
         pool.req_to_token[row, len(p)] = int(loc)
     runner.forward(make_batch(rows, [len(p) for p in prompts], [[1]] * 5, locs, "cpu"))
-    before = [t.clone() for t in pool.k_buffers + pool.v_buffers]
+    before = snapshot(pool)
     runner.forward(make_batch(rows[:3], [len(p) for p in prompts[:3]], [[2]] * 3, locs[:3], "cpu"))
-    changed = set()
-    for old, new in zip(before, pool.k_buffers + pool.v_buffers):
-        changed |= set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
+    changed = written_slots(before, pool)
     assert changed <= set(locs[:3].tolist()) | {runner.graphs.scratch_slot}
 
 
 def test_extend_warm_up_writes_only_the_scratch_slot(tiny_model_dir):
     runner = padded_runner(tiny_model_dir[0])
-    before = [t.clone() for t in runner.pool.k_buffers + runner.pool.v_buffers]
+    pool = runner.pool
+    before = snapshot(pool)
     runner.graphs.warm_up_extend()
-    changed = set()
-    for old, new in zip(before, runner.pool.k_buffers + runner.pool.v_buffers):
-        changed |= set((old != new).flatten(1).any(1).nonzero().flatten().tolist())
+    changed = written_slots(before, pool)
     assert changed == {runner.graphs.scratch_slot}

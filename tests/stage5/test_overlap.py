@@ -7,7 +7,6 @@ tokens of each request must add up to exactly its output: the extra token a fini
 request computes in the step after it stopped is never emitted.
 """
 import pytest
-import torch
 
 from helpers import random_prompts
 from stage3_scheduler.request import Req
