@@ -39,6 +39,10 @@ class ServerArgs:
     dtype: str = RunnerArgs.dtype
     load_format: str = RunnerArgs.load_format
     tp: int = 1
+    nnodes: int = 1                         # machines the tp ranks span (same command on each)
+    node_rank: int = 0                      # only node 0 serves HTTP
+    dist_init_addr: str | None = None       # HOST:PORT of node 0 (default: a free local port)
+    dist_timeout: float = 600.0             # seconds for every rank to join
     attention_backend: str | None = None
     page_size: int = RunnerArgs.page_size
     gpu_memory_utilization: float = RunnerArgs.gpu_memory_utilization
@@ -81,6 +85,9 @@ class ServerArgs:
                      cuda_graph_max_bs=self.cuda_graph_max_bs)
         defaults = ServerArgs()
         opts.update({k: v for k, v in extra.items() if v != getattr(defaults, k)})
+        if self.tp > 1:             # the process group (the launcher fills dist_init_addr on one node)
+            opts.update(nnodes=self.nnodes, node_rank=self.node_rank, dist_init_addr=self.dist_init_addr,
+                        dist_timeout=self.dist_timeout)
         return opts
 
     def to_dict(self) -> dict:
@@ -122,7 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "log_level", default=d.log_level, type=str.lower, choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("runtime")
     _flag(g, "device", default=d.device, choices=["cuda", "cpu"])
-    _flag(g, "tp", "tp_size", type=int, default=d.tp, help="tensor-parallel GPUs (needs stage 5)")
+    _flag(g, "tp", "tp_size", type=int, default=d.tp,
+          help="tensor-parallel ranks: one scheduler process per GPU (or per CPU share with --device cpu)")
+    _flag(g, "nnodes", type=int, default=d.nnodes, help="machines the --tp ranks are spread over")
+    _flag(g, "node_rank", type=int, default=d.node_rank, help="this machine's index; node 0 serves HTTP")
+    _flag(g, "dist_init_addr", "nccl_init_addr", default=None,
+          help="HOST:PORT where node 0 meets the other ranks (needed with --nnodes > 1)")
+    _flag(g, "dist_timeout", type=float, default=d.dist_timeout,
+          help="seconds to wait for every tensor-parallel rank to join before giving up")
     _flag(g, "attention_backend", default=None, choices=["torch", "triton", "fa", "fa3"],
           help="default: triton on GPU, torch on CPU (fa3 = fa)")
     _flag(g, "page_size", type=int, default=d.page_size, help="KV slots per page")
@@ -171,8 +185,7 @@ def check_args(args: ServerArgs) -> None:
     mistake surfaces minutes later (after a big checkpoint loads) as a child's traceback."""
     if not (1 <= args.port <= 65535):
         raise BadArgs(f"--port must be in [1, 65535], got {args.port}")
-    if args.tp != 1:
-        raise BadArgs(f"--tp {args.tp}: tensor parallelism is not built yet; use --tp 1 (one GPU)")
+    check_tp(args)
     if args.cuda_graph_max_bs < 1:
         raise BadArgs(f"--cuda_graph_max_bs {args.cuda_graph_max_bs}: must be at least 1 "
                       "(--disable_cuda_graph turns the graphs off)")
@@ -181,6 +194,24 @@ def check_args(args: ServerArgs) -> None:
     resolve_device(args.device)                 # --device cuda with no CUDA visible
     check_backend(args.attention_backend, args.device)
     check_model(args.model, args.load_format)   # a missing config.json, a file, no weights
+
+
+def check_tp(args: ServerArgs) -> None:
+    """--tp / --nnodes / --node_rank / --dist_init_addr that cannot form one process group."""
+    if args.tp < 1 or args.nnodes < 1 or args.tp % args.nnodes:
+        raise BadArgs(f"--tp {args.tp} --nnodes {args.nnodes}: --tp must be a positive multiple of --nnodes")
+    if not (0 <= args.node_rank < args.nnodes):
+        raise BadArgs(f"--node_rank {args.node_rank}: must be in [0, {args.nnodes})")
+    if args.nnodes > 1 and not args.dist_init_addr:
+        raise BadArgs("--nnodes > 1 needs --dist_init_addr HOST:PORT (node 0's address, the same on every node)")
+    if args.dist_init_addr:
+        host, _, port = args.dist_init_addr.rpartition(":")
+        if not host or not port.isdigit() or not (1 <= int(port) <= 65535):
+            raise BadArgs(f"--dist_init_addr {args.dist_init_addr!r}: expected HOST:PORT")
+    per_node = args.tp // args.nnodes
+    if args.device == "cuda" and torch.cuda.is_available() and per_node > torch.cuda.device_count():
+        raise BadArgs(f"--tp {args.tp} over {args.nnodes} node(s) needs {per_node} GPUs per node; "
+                      f"{torch.cuda.device_count()} visible")
 
 
 def check_backend(backend: str | None, device: str) -> None:

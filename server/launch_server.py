@@ -3,6 +3,7 @@
     launcher (this process) --spawn--> scheduler process     (loads the model: slow)
                             --spawn--> detokenizer process   (loads the tokenizer)
     waits for both "ready" reports, then runs FastAPI on uvicorn in this process.
+    With --tp N it also starts one scheduler process per extra rank (tp_launch.py).
 
 So no request is accepted before the model is loaded. A watchdog thread polls the children:
 if one dies, the server logs which one and its exit code, stops, and exits with code 1; it
@@ -25,6 +26,7 @@ from pathlib import Path
 from server import io_struct as io
 from server.args import ServerArgs, parse_args
 from server.ipc import Endpoints
+from server.tp_launch import run_follower_node, spawn_followers, wait_all_ready, with_dist_addr
 
 log = logging.getLogger("server")
 START_TIMEOUT_S = 1800          # big checkpoints load slowly; a dead child is noticed at once
@@ -191,12 +193,13 @@ def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
 
     model_path = str(resolve_model_path(args.model))     # the demo model is written here, once
     children.spawn("scheduler", run_scheduler_process, args, endpoints)
+    followers = spawn_followers(args, children)          # --tp > 1: ranks 1.. of this node (tp_launch.py)
     children.spawn("detokenizer", run_detokenizer_process, args, model_path, endpoints)
     log.info("loading %s on %s (scheduler process)", args.model, args.device)
     tokenizer = load_tokenizer(tokenizer_dir(Path(model_path)))
     if args.chat_template:          # the operator's template replaces the model's (never a request's)
         tokenizer.chat_template = read_chat_template(args.chat_template)
-    info = children.wait_ready("scheduler")
+    info = wait_all_ready(children, ["scheduler", *followers])["scheduler"]
     children.wait_ready("detokenizer")
     log.info("model loaded: %d KV token slots, context length %d", info["max_total_tokens"], info["context_length"])
     return TokenizerManager(tokenizer, endpoints, info)
@@ -222,12 +225,17 @@ def serve_http(args: ServerArgs, tm, children: Children, state: dict) -> None:
 def launch_server(args: ServerArgs) -> int:
     """Run the server until a signal or a crash; return the exit code (0: stopped cleanly)."""
     setup_logging(args.log_level, "server")
-    check_port(args.host, args.port)
+    args = with_dist_addr(args)
+    if args.node_rank == 0:                     # only node 0 serves HTTP
+        check_port(args.host, args.port)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_shutdown)
     endpoints, children, state = Endpoints.create(), Children(), {"exit_code": 0}
     try:
-        serve_http(args, start_backend(args, endpoints, children), children, state)
+        if args.node_rank > 0:                  # --nnodes: this node only runs its TP ranks
+            run_follower_node(args, children, state)
+        else:
+            serve_http(args, start_backend(args, endpoints, children), children, state)
     except Shutdown as e:
         log.info("received %s; shutting down", e)
     except SystemExit as e:                     # a start-up failure (message) or uvicorn's exit code

@@ -9,6 +9,12 @@ to notice a dead parent). The newest engine available builds the model, cache an
 scheduler, so stage 5 plugs in without touching this file. The process tells the
 launcher it is ready only once the model is loaded and the KV pool sized; any exception
 ends it with a non-zero exit code and a traceback in the log.
+
+Tensor parallelism (--tp N): this process is rank 0, the only one with sockets; its
+scheduler broadcasts each step's new requests and aborts to ranks 1..N-1, which run
+`run_tp_follower_process` (stage5_tp_cudagraph/tp_worker.py: same engine, no sockets).
+While idle, rank 0 sends a keep-alive each second, so a dead rank is noticed at once;
+on the way out it tells the followers to stop.
 """
 from __future__ import annotations
 
@@ -48,7 +54,8 @@ def _without_stage5(options: dict) -> dict:
     """Before stage 5 there is no CUDA graph or overlap to disable, and no tensor parallelism."""
     if options.get("tp", 1) > 1:
         raise ValueError(f"--tp {options['tp']} needs stage 5 (stage5_tp_cudagraph), which is not installed")
-    stage5 = ("tp", "disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs")
+    stage5 = ("tp", "disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs", "nnodes", "node_rank",
+              "dist_init_addr", "dist_timeout")
     return {k: v for k, v in options.items() if k not in stage5}
 
 
@@ -76,6 +83,8 @@ class SchedulerServer:
             if busy and not self.sched.has_work():
                 self._check_invariant()
             busy = self.sched.has_work()
+            if not busy and (keepalive := getattr(self.sched, "keepalive", None)):
+                keepalive()                             # TP: rank 0 pings the followers now and then
 
     def _check_invariant(self) -> None:
         """On becoming idle, every KV slot must be free or cached. A leak is a bug: with
@@ -150,7 +159,7 @@ def run_scheduler_process(server_args, endpoints, ready_conn, parent_pid: int) -
     from server.launch_server import child_setup
     child_setup("scheduler", server_args.log_level)
     try:
-        engine = build_engine(server_args.engine_options())
+        engine = build_engine(_rank_options(server_args, 0))
         server = SchedulerServer(engine, endpoints, strict=server_args.log_level == "debug")
         runner = engine.runner
         info = dict(model_path=str(runner.model_path), context_length=runner.context_length,
@@ -166,3 +175,32 @@ def run_scheduler_process(server_args, endpoints, ready_conn, parent_pid: int) -
     except Exception:  # noqa: BLE001 - crash loudly; the launcher's watchdog takes the server down
         log.exception("scheduler crashed")
         os._exit(1)
+    finally:                    # a normal exit or SIGTERM: TP followers are told to stop
+        if close := getattr(engine, "close", None):
+            close()
+
+
+def _rank_options(server_args, tp_rank: int) -> dict:
+    options = server_args.engine_options()
+    return dict(options, tp_rank=tp_rank) if server_args.tp > 1 else options
+
+
+def run_tp_follower_process(server_args, tp_rank: int, ready_conn, parent_pid: int) -> None:
+    """Process entry point of TP rank > 0: the same engine, driven by rank 0's broadcasts."""
+    from server.launch_server import child_setup
+    from stage5_tp_cudagraph.tp_worker import follow, watch_parent
+    child_setup(f"tp{tp_rank}", server_args.log_level)
+    watch_parent(parent_pid)                  # our launcher gone (even SIGKILLed): exit too
+    try:
+        engine = build_engine(_rank_options(server_args, tp_rank))
+    except Exception as e:  # noqa: BLE001 - reported to the launcher, then we exit
+        log.exception("TP rank %d failed to start", tp_rank)
+        ready_conn.send_bytes(io.encode(io.Ready(f"tp{tp_rank}", error=f"{type(e).__name__}: {e}")))
+        os._exit(1)
+    ready_conn.send_bytes(io.encode(io.Ready(f"tp{tp_rank}", info={"tp_rank": tp_rank})))
+    try:
+        follow(engine.scheduler, engine.tp, engine.runner.config.vocab_size)
+    except Exception:  # noqa: BLE001 - rank 0 (or another rank) is gone: take this node down too
+        log.exception("TP rank %d lost contact with the other ranks", tp_rank)
+        os._exit(1)
+    engine.close()

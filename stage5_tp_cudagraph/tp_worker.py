@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 STAT_KEYS = ("num_running", "num_waiting", "kv_pool_size", "kv_free_slots", "kv_cached_slots", "kv_running_slots")
 
 
+class TPRankLost(RuntimeError):
+    """A peer rank vanished: serving cannot go on (its shard of every layer is gone)."""
+
+
 class CommandBroadcaster:
     """Rank 0's scheduler, as seen by the Engine and the server: same API, commands mirrored."""
 
@@ -82,7 +86,11 @@ class CommandBroadcaster:
 
     def _send(self, op: str) -> None:
         msg, self.pending = {"op": op, "cmds": self.pending}, []
-        self.tp.broadcast_bytes(json.dumps(msg).encode())
+        try:
+            self.tp.broadcast_bytes(json.dumps(msg).encode())
+        except RuntimeError as e:                 # gloo: "Connection closed by peer" and the like
+            raise TPRankLost(f"TP rank 0 lost contact with another rank; did a rank's process die? "
+                             f"({str(e).splitlines()[0]})") from None
         self.last_sent = time.monotonic()
 
 
@@ -102,7 +110,11 @@ def apply(sched, cmd: list, vocab_size: int) -> None:
 def follow(sched, tp, vocab_size: int) -> None:
     """Ranks > 0: mirror rank 0 until it says stop (or its process dies: gloo raises)."""
     while True:
-        msg = json.loads(tp.broadcast_bytes())
+        try:
+            msg = json.loads(tp.broadcast_bytes())
+        except RuntimeError as e:
+            raise TPRankLost(f"TP rank {tp.rank} lost contact with rank 0; did its process die? "
+                             f"({str(e).splitlines()[0]})") from None
         for cmd in msg["cmds"]:
             apply(sched, cmd, vocab_size)
         if msg["op"] == "step":

@@ -33,7 +33,12 @@ CASES = {   # id: (flags, words the one line must contain)
     "fa3 on cpu": (lambda tmp: ["--device", "cpu", "--attention_backend", "fa3"], "only the torch backend"),
     "fa on cpu": (lambda tmp: ["--device", "cpu", "--attention_backend", "fa"], "only the torch backend"),
     "triton on cpu": (lambda tmp: ["--device", "cpu", "--attention_backend", "triton"], "only the torch backend"),
-    "tp above 1": (lambda tmp: ["--device", "cpu", "--tp", "2"], "tensor parallelism is not built yet"),
+    "tp not a multiple of nnodes": (lambda tmp: ["--device", "cpu", "--tp", "3", "--nnodes", "2",
+                                                 "--dist_init_addr", "127.0.0.1:5000"], "positive multiple"),
+    "nnodes without an address": (lambda tmp: ["--device", "cpu", "--tp", "2", "--nnodes", "2"], "--dist_init_addr"),
+    "node_rank out of range": (lambda tmp: ["--device", "cpu", "--tp", "2", "--nnodes", "2", "--node_rank", "2",
+                                            "--dist_init_addr", "127.0.0.1:5000"], "--node_rank 2"),
+    "bad dist_init_addr": (lambda tmp: ["--device", "cpu", "--tp", "2", "--dist_init_addr", "localhost"], "HOST:PORT"),
     "cuda graph bs 0": (lambda tmp: ["--device", "cpu", "--cuda_graph_max_bs", "0"], "at least 1"),
     "port out of range": (lambda tmp: ["--device", "cpu", "--port", "70000"], "--port must be in"),
 }
