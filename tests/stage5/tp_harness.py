@@ -1,6 +1,7 @@
 """Run a function on N tensor-parallel ranks (CPU, gloo), one spawned process per rank.
 
     results = run_ranks(2, fn, *args)    # fn(tp: TPState, *args) -> picklable, per rank
+    run_ranks(2, fn, *args, device="cuda")      # rank r on cuda:r, NCCL
 
 `fn` must be a module-level function of an importable module (spawned children import it);
 its result travels through torch.save, so tensors, lists and numbers are all fine.
@@ -18,10 +19,11 @@ import torch
 from stage5_tp_cudagraph.parallel import destroy_tp, free_port, init_tp
 
 
-def _rank_main(rank: int, size: int, addr: str, fn, args, out) -> None:
+def _rank_main(rank: int, size: int, addr: str, fn, args, out, device: str) -> None:
     torch.set_num_threads(1)
     try:
-        tp = init_tp(rank, size, addr, torch.device("cpu"), timeout_s=60)
+        tp = init_tp(rank, size, addr, torch.device(device, rank) if device == "cuda" else torch.device(device),
+                     timeout_s=60)
         result = fn(tp, *args)
         destroy_tp()
         buf = io.BytesIO()        # bytes, not tensors: a queued tensor is shared memory that dies with us
@@ -31,11 +33,12 @@ def _rank_main(rank: int, size: int, addr: str, fn, args, out) -> None:
         out.put((rank, traceback.format_exc(), None))
 
 
-def run_ranks(size: int, fn, *args, timeout: float = 120) -> list:
+def run_ranks(size: int, fn, *args, timeout: float = 120, device: str = "cpu") -> list:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     addr = f"127.0.0.1:{free_port()}"
-    procs = [ctx.Process(target=_rank_main, args=(r, size, addr, fn, args, out), daemon=True) for r in range(size)]
+    procs = [ctx.Process(target=_rank_main, args=(r, size, addr, fn, args, out, device), daemon=True)
+             for r in range(size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
