@@ -73,7 +73,7 @@ class Engine(Stage4Engine):
         return options
 
     def make_runner(self, rargs):
-        return GraphModelRunner(rargs, self.stage5)
+        return GraphModelRunner(rargs, self.stage5, tp=self.tp)
 
     def make_scheduler(self, sargs):
         cls = Scheduler if self.stage5.disable_overlap else OverlapScheduler

@@ -9,7 +9,7 @@ requests to `DecodeGraphs.run`; extends and larger decode batches run eagerly, e
 in stage 2. Graphs need a backend whose decode reads nothing on the host: the Triton one.
 With another backend, or on CPU, or with `disable_cuda_graph`, every batch runs eagerly.
 
-Tensor parallelism (when `parallel.init_tp` ran in this process): the model is built with
+Tensor parallelism (`tp`: this rank's process groups, from `parallel.init_tp`): the model is built with
 `TPLayerFactory` (this rank's shard of every layer, tp_layers.py), the KV pool gets the
 smallest slot count of all ranks (every rank must admit the same requests), and the
 sampled ids are broadcast from rank 0, so the ranks can never drift apart. Every rank
@@ -27,7 +27,7 @@ from stage2_runner.model_runner import ModelRunner, RunnerArgs
 from stage2_runner.sampler import SampleOutput, SamplingInfo
 from stage5_tp_cudagraph.cuda_graph import DecodeGraphs
 from stage5_tp_cudagraph.fused_model import fill_weights, load_fused_model
-from stage5_tp_cudagraph.parallel import get_tp
+from stage5_tp_cudagraph.parallel import TPState
 from stage5_tp_cudagraph.tp_layers import TPLayerFactory
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,9 @@ class Stage5Args:
 
 
 class GraphModelRunner(ModelRunner):
-    def __init__(self, args: RunnerArgs, stage5: Stage5Args | None = None, factory=None):
+    def __init__(self, args: RunnerArgs, stage5: Stage5Args | None = None, factory=None, tp: TPState | None = None):
         self.stage5 = stage5 = stage5 or Stage5Args()
-        self.tp = get_tp()
+        self.tp = tp                    # this rank's process groups (parallel.py); None: one process
         super().__init__(args, factory)
         self.graphs: DecodeGraphs | None = None
         why_not = self._why_no_graphs(stage5)
