@@ -82,3 +82,16 @@ def test_factory_refuses_what_cannot_split():
         rank, size = 0, 3
     with pytest.raises(ValueError, match="tp=3 must divide"):
         TPLayerFactory(TINY_CONFIGS["gqa4-untied"], FakeTP())
+
+
+def test_a_rank_that_never_joins_is_a_clear_error():
+    """Rank 0 of 2 alone: after the timeout, a TPJoinError naming the address, not a hang."""
+    import subprocess
+    import sys
+    code = ("import torch; from stage5_tp_cudagraph.parallel import free_port, init_tp\n"
+            "addr = f'127.0.0.1:{free_port()}'\n"
+            "try:\n    init_tp(0, 2, addr, torch.device('cpu'), timeout_s=2)\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("TPJoinError TP rank 0/2: the 2 ranks did not all join at tcp://127.0.0.1:"), out
+    assert "within 2 s" in out.stdout
