@@ -7,7 +7,7 @@ OpenAI names map to SGLang's (`max_tokens` -> `max_new_tokens`, `min_tokens` ->
 `min_new_tokens`); SGLang's extra sampling fields (top_k, min_p, repetition_penalty,
 ignore_eos, stop_token_ids, skip_special_tokens, no_stop_trim) are accepted too, since
 SGLang's bench_serving and users send them, and `sampling_seed` is SGLang's name for `seed`.
-Features this server does not have (server/unsupported.py: logit_bias, structured output,
+Features this server does not have (server/unsupported.py: structured output,
 stop_regex, ...) are refused with a 400, never silently ignored.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
 
 PASS_THROUGH = ["temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
                 "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-                "no_stop_trim", "seed", "sampling_seed", "n"]
+                "no_stop_trim", "seed", "sampling_seed", "n", "logit_bias"]
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 

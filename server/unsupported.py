@@ -43,7 +43,6 @@ SAMPLING = {   # sampling_params (native) and the same names at the top of OpenA
     "json_schema": ((), "structured output (json_schema) is " + LATER),
     "ebnf": ((), "structured output (ebnf) is " + LATER),
     "structural_tag": ((), "structured output (structural_tag) is " + LATER),
-    "logit_bias": ((), "logit_bias is " + LATER),
     "custom_params": ((), "custom logit processors would run client code; refused"),
 }
 

@@ -2,7 +2,7 @@
 
     sample(logits [B, V] float32, info) -> SampleOutput(tokens [B], logprobs [B], top ...)
 
-Order of operations, per row: penalties on raw logits -> (greedy rows: argmax) ->
+Order of operations, per row: logit_bias, then penalties, on raw logits -> (greedy rows: argmax) ->
 temperature -> top_k / top_p / min_p filter -> draw. A draw is the "exponential race"
 argmax(p / E), E ~ Exp(1), which samples exactly from p without torch.multinomial's
 host-side checks; rows with a seed take E from their own generator seeded by
@@ -31,6 +31,7 @@ class SamplingInfo:
     repetition_penalties: torch.Tensor | None = None  # [B], 1 = off
     output_counts: torch.Tensor | None = None         # [B, V] counts of generated tokens
     seen_mask: torch.Tensor | None = None             # [B, V] prompt or output token seen
+    logit_bias: tuple | None = None                   # (rows [N], token ids [N], biases [N]) or None
     top_logprobs_num: int = 0
     # Host-side flags so a batch that is all greedy / unfiltered skips the O(V log V) sort
     all_greedy: bool = False
@@ -59,6 +60,11 @@ class SamplingInfo:
                    all_greedy=all(t == 0 for t in temps),
                    needs_filter=any(0 < k < vocab for k in top_k) or any(p < 1 for p in top_ps)
                    or any(m > 0 for m in min_ps))
+        biased = [(i, t, b) for i, p in enumerate(params) for t, b in (p.get("logit_bias") or {}).items()]
+        if biased:                      # only requests that ask pay for it
+            rows_toks = to_device(torch.tensor([[i for i, _, _ in biased], [t for _, t, _ in biased]]), device)
+            info.logit_bias = (rows_toks[0], rows_toks[1],
+                               to_device(torch.tensor([b for _, _, b in biased], dtype=torch.float32), device))
         if histories and (any(fp) or any(pp) or any(r != 1 for r in rp)):
             info.frequency_penalties, info.presence_penalties, info.repetition_penalties = floats[3:6]
             info.output_counts, info.seen_mask = _history_tensors(histories, vocab, device)
@@ -126,7 +132,11 @@ def exponential_noise(shape, info: SamplingInfo, device) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:
-    logits = apply_penalties(logits.float(), info)
+    logits = logits.float()
+    if info.logit_bias is not None:                 # OpenAI's logit_bias: added to the raw logits
+        rows, toks, bias = info.logit_bias
+        logits = logits.index_put((rows, toks), bias, accumulate=True)
+    logits = apply_penalties(logits, info)
     greedy = logits.argmax(-1)
     if info.all_greedy:
         tokens = greedy

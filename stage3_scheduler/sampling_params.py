@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-MAX_STOP_STRINGS, MAX_STOP_LEN, MAX_N = 16, 256, 16
+MAX_STOP_STRINGS, MAX_STOP_LEN, MAX_N, MAX_LOGIT_BIAS = 16, 256, 16, 1024
 
 
 class InvalidParams(ValueError):
@@ -36,6 +36,8 @@ class SamplingParams:
     no_stop_trim: bool = False
     n: int = 1
     seed: int | None = None
+    # token id -> added to its logit before sampling (OpenAI's logit_bias; JSON keys are strings)
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict | None, vocab_size: int | None = None) -> "SamplingParams":
@@ -68,13 +70,18 @@ class SamplingParams:
             ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
             ("stop", all(0 < len(s) <= MAX_STOP_LEN for s in self.stop), f"stop strings must be 1..{MAX_STOP_LEN} chars"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be a non-negative integer"),
+            ("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
+            ("logit_bias", all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "biases must be in [-100, 100]"),
         ]
         if vocab_size is not None:
             checks.append(("stop_token_ids", all(0 <= t < vocab_size for t in self.stop_token_ids),
                            f"ids must be in [0, {vocab_size})"))
+            checks.append(("logit_bias", all(0 <= t < vocab_size for t in self.logit_bias),
+                           f"token ids must be in [0, {vocab_size})"))
         for name, ok, msg in checks:
             if not ok:
-                raise InvalidParams(f"{name}: {msg} (got {getattr(self, name)!r})")
+                got = repr(getattr(self, name))
+                raise InvalidParams(f"{name}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,4 +117,21 @@ def _coerce(name: str, value, typ: str):
         if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             raise InvalidParams(f"{name}: must be a list of integers")
         return value
+    if typ == "dict[int, float]":
+        return _bias_dict(name, value)
     return value
+
+
+def _bias_dict(name: str, value) -> dict[int, float]:
+    """{"token id": bias} (JSON object keys are strings; ints are fine in Python) -> {int: float}."""
+    if not isinstance(value, dict):
+        raise InvalidParams(f"{name}: must be an object mapping token ids to biases")
+    out = {}
+    for k, v in value.items():
+        key = k if isinstance(k, int) and not isinstance(k, bool) else None
+        if isinstance(k, str) and k.isdigit() and len(k) <= 12:
+            key = int(k)
+        if key is None:
+            raise InvalidParams(f"{name}: keys must be token ids (got {k!r})")
+        out[key] = _coerce(f"{name}[{k}]", v, "float")
+    return out

@@ -82,3 +82,15 @@ def test_logprobs_and_top_alternatives():
     assert torch.allclose(out.logprobs, ref.max(-1).values)
     assert torch.equal(out.top_ids[:, 0], x.argmax(-1))
     assert math.isclose(float(out.top_logprobs[0].exp().sum()), float(ref[0].topk(3).values.exp().sum()), rel_tol=1e-6)
+
+
+def test_logit_bias_moves_only_its_rows():
+    x = logits_batch()
+    greedy = x.argmax(-1)
+    forced, banned = int((greedy[0] + 1) % V), int(greedy[2])
+    params = [{"temperature": 0.0, "logit_bias": {forced: 100.0}}, {"temperature": 0.0},
+              {"temperature": 0.0, "logit_bias": {banned: -100.0}}, {"temperature": 1.0, "logit_bias": {forced: 100.0}}]
+    out = sample(x.clone(), SamplingInfo.from_params(params, V, "cpu"))
+    assert out.tokens[0] == forced and out.tokens[1] == greedy[1] and out.tokens[2] != banned
+    assert out.tokens[3] == forced                      # +100 dominates a temperature-1 draw too
+    assert SamplingInfo.from_params([{"temperature": 0.0}] * 2, V, "cpu").logit_bias is None   # nobody pays

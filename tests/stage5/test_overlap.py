@@ -126,7 +126,8 @@ def test_sampling_with_seeds_and_penalties(tiny_model_dir, vocab):
     prompts = random_prompts(vocab, [5, 8, 6], seed=7)
     params = [dict(temperature=0.8, seed=11, max_new_tokens=15),
               dict(temperature=0.7, top_k=20, seed=5, frequency_penalty=0.8, max_new_tokens=15),
-              dict(repetition_penalty=1.5, presence_penalty=0.5, max_new_tokens=15, min_new_tokens=10)]
+              dict(repetition_penalty=1.5, presence_penalty=0.5, max_new_tokens=15, min_new_tokens=10,
+                   logit_bias={3: 4.0, 5: -100.0})]
     both(tiny_model_dir[0], prompts, params)
 
 
