@@ -5,7 +5,7 @@
     weights: fp32 logits close and greedy tokens equal; bf16 logits within tolerance;
   - Engine(tp=2) == Engine(tp=1), eager and with CUDA graphs (which capture the NCCL
     all-reduces): equal greedy tokens in fp32; in bf16 the first token's top logprobs close.
-Run: python -m pytest -m gpu tests/stage5/test_tp_gpu.py tests/server/test_tp_gpu.py
+Run: python -m pytest -m gpu tests/stage5/test_tp_gpu.py tests/server/test_tp_server_gpu.py
 """
 import gc
 from pathlib import Path

@@ -2,7 +2,7 @@
 
 fp32, so greedy text must be equal: --tp 1 on one GPU, --tp 2 in one launch, and two
 "nodes" on one host (two launches with --nnodes 2, one GPU each via CUDA_VISIBLE_DEVICES).
-Run: python -m pytest -m gpu tests/stage5/test_tp_gpu.py tests/server/test_tp_gpu.py
+Run: python -m pytest -m gpu tests/stage5/test_tp_gpu.py tests/server/test_tp_server_gpu.py
 """
 from __future__ import annotations
 
