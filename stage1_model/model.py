@@ -55,19 +55,25 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
+    # Which classes build a layer and the final norm: a faster twin of this model (stage 5's
+    # fused one) swaps the classes and keeps the structure and the parameter names.
+    layer_cls, norm_cls = Qwen3DecoderLayer, RMSNorm
+
     def __init__(self, cfg: ModelConfig, factory: LayerFactory):
         super().__init__()
         self.embed_tokens = factory.embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Qwen3DecoderLayer(cfg, i, factory) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(self.layer_cls(cfg, i, factory) for i in range(cfg.num_hidden_layers))
+        self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class Qwen3ForCausalLM(nn.Module):
+    model_cls = Qwen3Model
+
     def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
         super().__init__()
         self.config = cfg
         self.factory = factory = factory or LayerFactory()
-        self.model = Qwen3Model(cfg, factory)
+        self.model = self.model_cls(cfg, factory)
         self.lm_head = factory.lm_head(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

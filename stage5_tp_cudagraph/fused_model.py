@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from stage1_model.config import ModelConfig, load_config
 from stage1_model.layers import LayerFactory, RMSNorm, RotaryEmbedding
+from stage1_model.model import Qwen3ForCausalLM, Qwen3Model
 from stage1_model.weights import build_model, load_safetensors
 from stage5_tp_cudagraph import fused_kernels as fk
 from stage5_tp_cudagraph.tp_layers import column_shard, shard_of
@@ -164,24 +165,15 @@ class FusedDecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class FusedQwen3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
-        super().__init__()
-        self.embed_tokens = factory.embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(FusedDecoderLayer(cfg, i, factory) for i in range(cfg.num_hidden_layers))
-        self.norm = FusedRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+class FusedQwen3Model(Qwen3Model):
+    layer_cls, norm_cls = FusedDecoderLayer, FusedRMSNorm
 
 
-class FusedQwen3ForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
-        super().__init__()
-        self.config = cfg
-        self.factory = factory = factory or LayerFactory()
-        self.model = FusedQwen3Model(cfg, factory)
-        self.lm_head = factory.lm_head(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+class FusedQwen3ForCausalLM(Qwen3ForCausalLM):
+    """Stage 1's model with the fused classes; only the forward differs: the residual stream
+    travels between layers so each norm can add it in the same kernel. compute_logits is
+    stage 1's."""
+    model_cls = FusedQwen3Model
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, batch=None) -> torch.Tensor:
         # residual: running sum of the embeddings and every sublayer output, [T, hidden]
@@ -189,10 +181,6 @@ class FusedQwen3ForCausalLM(nn.Module):
         for layer in self.model.layers:
             x, residual = layer(x, residual, positions, self.rope, attn, batch)
         return self.model.norm(x, residual)[0]                      # final add + norm
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        return self.lm_head(hidden).float()
 
 
 # ---------------------------------------------------------------- building and loading
