@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -81,8 +82,12 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def resolve_backend(name: str, device: str) -> str:
     if name == "auto":
         return "torch" if device == "cpu" else "triton"
+    if device == "cpu" and name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        log.warning("--attention_backend triton on CPU: Triton's interpreter runs the kernels (slow)")
+        return "triton"
     if device == "cpu" and name != "torch":
-        log.warning("--attention_backend %s needs a GPU; using the torch backend on CPU", name)
+        log.warning("--attention_backend %s needs a GPU; using the torch backend on CPU "
+                    "(TRITON_INTERPRET=1 runs triton in its interpreter)", name)
         return "torch"
     return "fa" if name == "fa3" else name
 

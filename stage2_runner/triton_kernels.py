@@ -29,9 +29,31 @@ the kernel; short sequences simply leave the trailing splits empty.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """Under TRITON_INTERPRET=1 (CPU), Triton 3.6's interpreter does int(ndarray of shape (1,))
+    for `range(start, end)` bounds that are loaded scalars, which numpy >= 2.4 refuses
+    (triton-lang/triton#9171, fixed upstream by #9172). Take the single element explicitly,
+    so a reader can run and step through these kernels on a laptop."""
+    from triton.runtime import interpreter
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "numpy_fix", False):   # another release, or done
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    patched.numpy_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_interpreter_for_numpy_2_4()
 
 LOG2E = 1.4426950408889634   # exp(x) == exp2(x * log2(e))
 

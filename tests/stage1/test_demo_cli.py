@@ -35,12 +35,19 @@ def test_defaults_are_resolved_the_same_way():
     assert demo_cli.resolve_dtype("float16", "cpu") is torch.float16
 
 
-def test_gpu_backends_on_cpu_fall_back_with_a_warning(caplog):
+def test_gpu_backends_on_cpu_fall_back_with_a_warning(caplog, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for name in ["fa3", "fa", "triton"]:
         with caplog.at_level("WARNING"):
             assert demo_cli.resolve_backend(name, "cpu") == "torch"
         assert f"--attention_backend {name} needs a GPU" in caplog.text
     assert demo_cli.resolve_backend("fa3", "cuda") == "fa"
+
+
+def test_triton_on_cpu_runs_in_the_interpreter_when_asked(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert demo_cli.resolve_backend("triton", "cpu") == "triton"
+    assert demo_cli.resolve_backend("fa", "cpu") == "torch"        # no interpreter for FlashAttention
 
 
 def bad_model_cases(tmp_path):

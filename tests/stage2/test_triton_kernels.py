@@ -115,26 +115,10 @@ def check_decode_empty_request(device):
 
 # ------------------------------------------------------------------ CPU: Triton interpreter
 
-def _patch_interpreter_for_numpy_2_4():
-    """Triton 3.6's interpreter does int(ndarray of shape (1,)) for `range(start, end)` bounds
-    that are loaded scalars; numpy >= 2.4 refuses that (triton-lang/triton#9171, fixed
-    upstream by #9172). Re-patch tensor.__index__ to take the single element explicitly."""
-    from triton.runtime import interpreter
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None:                         # another triton release: nothing to patch
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    interpreter._patch_lang_tensor = patched
-
-
 def interpreter_cases():
     """Tiny shapes, run inside the TRITON_INTERPRET=1 subprocess. The interpreter computes
     tl.dot of bf16 on raw bits, so bf16 is checked on the GPU only."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    _patch_interpreter_for_numpy_2_4()
     heads = [(4, 2, 16), (3, 3, 8), (8, 2, 32)]        # GQA 2, MHA with head_dim 8, GQA 4
     for dtype in (torch.float32, torch.float16):
         for page in (1, 16):
@@ -153,7 +137,6 @@ def interpreter_runner_case(model_dir):
     """The whole ModelRunner on CPU: triton backend (interpreted) == torch backend."""
     from stage2_runner.batch_generate import batch_generate
     from stage2_runner.model_runner import ModelRunner
-    _patch_interpreter_for_numpy_2_4()
     prompts = [list(range(40, 49)), list(range(1, 21)), list(range(30, 100))]   # all > split_prefill_at
     runs = {}
     for name in ("torch", "triton"):
