@@ -71,7 +71,8 @@ class SamplingParams:
             ("stop", all(0 < len(s) <= MAX_STOP_LEN for s in self.stop), f"stop strings must be 1..{MAX_STOP_LEN} chars"),
             ("seed", self.seed is None or 0 <= self.seed < 2**63, "must be a non-negative integer"),
             ("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
-            ("logit_bias", all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "biases must be in [-100, 100]"),
+            ("logit_bias", all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+             "biases must be in [-100, 100]"),
         ]
         if vocab_size is not None:
             checks.append(("stop_token_ids", all(0 <= t < vocab_size for t in self.stop_token_ids),

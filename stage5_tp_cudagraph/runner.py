@@ -4,17 +4,18 @@
 
 Two seams of stage 2 are filled. Weights: on a GPU `load_model` builds the fused twin of
 the stage-1 model (fused_model.py: merged q/k/v and gate/up GEMMs, Triton norm/RoPE/SiLU
-kernels, ~12 launches per layer instead of ~65). Decode forward: `forward` sends a decode batch of at most `cuda_graph_max_bs`
-requests to `DecodeGraphs.run`; extends and larger decode batches run eagerly, exactly as
-in stage 2. Graphs need a backend whose decode reads nothing on the host: the Triton one.
-With another backend, or on CPU, or with `disable_cuda_graph`, every batch runs eagerly.
+kernels, ~12 launches per layer instead of ~65). Decode forward: `forward` sends a decode
+batch of at most `cuda_graph_max_bs` requests to `DecodeGraphs.run`; extends and larger
+decode batches run eagerly, exactly as in stage 2. Graphs need a backend whose decode
+reads nothing on the host: the Triton one. With another backend, on CPU, or with
+`disable_cuda_graph`, every batch runs eagerly.
 
-Tensor parallelism (`tp`: this rank's process groups, from `parallel.init_tp`): the model is built with
-`TPLayerFactory` (this rank's shard of every layer, tp_layers.py), the KV pool gets the
-smallest slot count of all ranks (every rank must admit the same requests), and the
-sampled ids are broadcast from rank 0, so the ranks can never drift apart. Every rank
-captures the same graph sizes in the same order (they depend only on max_bs), so their
-NCCL all-reduces pair up; `close()` drops the graphs before the process group goes.
+Tensor parallelism (`tp`: this rank's process groups, from `parallel.init_tp`): the model
+is built with `TPLayerFactory` (this rank's shard of every layer, tp_layers.py), the KV
+pool gets the smallest slot count of all ranks (every rank must admit the same requests),
+and the sampled ids are broadcast from rank 0, so the ranks can never drift apart. Every
+rank captures the same graph sizes in the same order (they depend only on max_bs), so
+their NCCL all-reduces pair up; `close()` drops the graphs before the process group goes.
 """
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ import asyncio
 
 from fastapi import FastAPI, Request
 
-from server.http_utils import read_json
 from server.validation import BadRequest, check_ids
 
 BIG_CHARS = 4096

@@ -9,7 +9,6 @@ leaves an eviction picks is the tree's business (LRU, unit-tested); the model ch
 it only removed unlocked leaves, freed what it says, and freed enough.
 """
 import pytest
-import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
