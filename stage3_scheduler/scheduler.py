@@ -74,7 +74,8 @@ class Scheduler(Admission):
     def abort(self, rid: str) -> None:
         for req in self.waiting + self.running:
             if req.rid == rid and not req.finished:
-                self._finish(req, {"type": "abort", "message": "aborted"}, keep_in_cache=False)
+                where = "in the waiting queue" if req in self.waiting else "while running"
+                self._finish(req, {"type": "abort", "message": f"aborted {where}"}, keep_in_cache=False)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.finished_unreported)

@@ -115,7 +115,8 @@ def test_abort_mid_decode(tiny_model_dir, vocab):
     full, _ = run(engine(path, False), prompts, params)
     for overlap in (False, True):
         reqs, streamed = run(engine(path, overlap), prompts, params, abort_at=(6, 1))
-        assert reqs[1].finish_reason["type"] == "abort" and 0 < len(reqs[1].output_ids) < 30
+        assert reqs[1].finish_reason == {"type": "abort", "message": "aborted while running"}
+        assert 0 < len(reqs[1].output_ids) < 30
         assert reqs[1].output_ids == full[1].output_ids[:len(reqs[1].output_ids)]
         assert streamed["r1"] == reqs[1].output_ids
         assert [r.output_ids for r in reqs[::2]] == [r.output_ids for r in full[::2]]
@@ -136,4 +137,13 @@ def test_engine_generate_drains_in_flight(tiny_model_dir, vocab):
     outs = eng.generate(input_ids=random_prompts(vocab, [4, 7], seed=8), sampling_params=dict(GREEDY, max_new_tokens=5))
     assert [len(o["output_ids"]) for o in outs] == [5, 5]
     assert eng.scheduler.in_flight is None and not eng.scheduler.has_work()
+    eng.check_integrity()
+
+
+def test_abort_reason_says_where_the_request_was(tiny_model_dir, vocab):
+    eng = engine(tiny_model_dir[0], True)
+    waiting = Req("w", random_prompts(vocab, [5], seed=9)[0], SamplingParams.from_dict(GREEDY, vocab))
+    eng.scheduler.add_request(waiting)
+    eng.scheduler.abort("w")
+    assert waiting.finish_reason == {"type": "abort", "message": "aborted in the waiting queue"}
     eng.check_integrity()
