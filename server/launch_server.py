@@ -23,10 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from server import io_struct as io
+from server.managers import io_struct as io
 from server.args import ServerArgs, parse_args
-from server.ipc import Endpoints
-from server.tp_launch import run_follower_node, spawn_followers, wait_all_ready, with_dist_addr
+from server.managers.ipc import Endpoints
+from server.managers.tp_launch import run_follower_node, spawn_followers, wait_all_ready, with_dist_addr
 
 log = logging.getLogger("server")
 START_TIMEOUT_S = 1800          # big checkpoints load slowly; a dead child is noticed at once
@@ -185,9 +185,9 @@ def read_chat_template(path: str) -> str:
 
 def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
     """Spawn scheduler + detokenizer, load the tokenizer meanwhile, wait until both are ready."""
-    from server.detokenizer import run_detokenizer_process
-    from server.scheduler_process import run_scheduler_process
-    from server.tokenizer_manager import TokenizerManager
+    from server.managers.detokenizer import run_detokenizer_process
+    from server.managers.scheduler_process import run_scheduler_process
+    from server.managers.tokenizer_manager import TokenizerManager
     from stage1_model.model_source import resolve_model_path, tokenizer_dir
     from stage1_model.tokenizer import load_tokenizer
 
@@ -208,8 +208,8 @@ def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
 def serve_http(args: ServerArgs, tm, children: Children, state: dict) -> None:
     import uvicorn
 
-    from server.http_guard import HeaderTimeoutH11Protocol
-    from server.http_server import HTTPServer, build_app
+    from server.entrypoints.http_guard import HeaderTimeoutH11Protocol
+    from server.entrypoints.http_server import HTTPServer, build_app
     # Our h11 protocol (not "auto", which picks httptools when installed): it adds the header deadline.
     protocol = type("HTTPProtocol", (HeaderTimeoutH11Protocol,), {"header_timeout": args.header_timeout})
     config = uvicorn.Config(build_app(tm, args), host=args.host, port=args.port, log_level=args.log_level,

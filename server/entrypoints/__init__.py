@@ -1,1 +1,1 @@
-"""HTTP route modules added to the app by `server.http_server.build_app`."""
+"""HTTP route modules added to the app by `server.entrypoints.http_server.build_app`."""

@@ -8,12 +8,12 @@ No processes, no model: the OpenAI client talks to it through Starlette's TestCl
 """
 from __future__ import annotations
 
-from server import io_struct as io
+from server.managers import io_struct as io
 from server.args import parse_args
-from server.detokenizer import Detokenizer
-from server.http_server import build_app
-from server.ipc import Endpoints
-from server.tokenizer_manager import ReqState, TokenizerManager
+from server.managers.detokenizer import Detokenizer
+from server.entrypoints.http_server import build_app
+from server.managers.ipc import Endpoints
+from server.managers.tokenizer_manager import ReqState, TokenizerManager
 
 EOS = 151645      # <|im_end|>
 

@@ -148,7 +148,7 @@ def test_server_info_alias_and_pool_size(client):
 
 
 def test_cache_report_counts_each_prompt_once():
-    from server.openai_reply import usage
+    from server.entrypoints.openai_reply import usage
     results = [{"meta_info": {"prompt_tokens": 10, "completion_tokens": 3, "cached_tokens": c}} for c in (8, 0, 4, 4)]
     assert usage(results, 2, cache_report=True) == {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32,
                                                     "prompt_tokens_details": {"cached_tokens": 12}}

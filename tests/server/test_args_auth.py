@@ -8,7 +8,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from server.args import ServerArgs, parse_args
-from server.auth import ApiKeyMiddleware
+from server.entrypoints.auth import ApiKeyMiddleware
 
 pytestmark = pytest.mark.server
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from server import io_struct as io
-from server.detokenizer import Detokenizer
+from server.managers import io_struct as io
+from server.managers.detokenizer import Detokenizer
 
 pytestmark = pytest.mark.server
 

@@ -152,8 +152,8 @@ def test_big_prompt_does_not_block_other_clients(server):
 @pytest.mark.parametrize("error, status", [(KeyError("boom"), 500), ("bad", 400), ("failed", 503)])
 def test_errors_after_headers_go_inside_the_stream(error, status):
     """Once SSE headers are out, any error (a bug included) becomes an error event + [DONE]."""
-    from server.http_utils import sse_stream
-    from server.tokenizer_manager import RequestFailed
+    from server.entrypoints.http_utils import sse_stream
+    from server.managers.tokenizer_manager import RequestFailed
     from server.validation import BadRequest
     exc = {"bad": BadRequest("bad input"), "failed": RequestFailed("shutting down", 503)}.get(error, error)
 

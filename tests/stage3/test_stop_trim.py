@@ -41,7 +41,7 @@ def cut_at_stop(tok, ids: list[int], matched) -> list[int]:
 
 
 def test_detokenizer_uses_the_same_rule():
-    from server import detokenizer, io_struct as io
+    from server.managers import detokenizer, io_struct as io
     from stage1_model.model_source import demo_model_dir
     from stage1_model.tokenizer import load_tokenizer
 

@@ -18,14 +18,14 @@ from fastapi.responses import StreamingResponse
 
 from server.chat_template import check_template_kwargs
 from server.entrypoints import tokenize
-from server.http_utils import error_response, gather, last, merge, read_json, sse_stream, until_disconnect
-from server.openai_logprobs import TokenText
-from server.openai_protocol import chat_messages, chat_params, completion_params, completion_prompts, get
-from server.openai_reply import ChatReply, CompletionReply, usage
-from server.openai_tools import template_tools, tool_request
+from server.entrypoints.http_utils import error_response, gather, last, merge, read_json, sse_stream, until_disconnect
+from server.entrypoints.openai_logprobs import TokenText
+from server.entrypoints.openai_protocol import chat_messages, chat_params, completion_params, completion_prompts, get
+from server.entrypoints.openai_reply import ChatReply, CompletionReply, usage
+from server.entrypoints.openai_tools import template_tools, tool_request
 from server.parsers.chat import ChatParsing
 from server.parsers.reasoning import prompt_opens_reasoning
-from server.tokenizer_manager import TokenizerManager
+from server.managers.tokenizer_manager import TokenizerManager
 from server.validation import BadRequest, GenerateBatch, check_ids, rids_of
 
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field, replace
 
 import zmq.asyncio
 
-from server import io_struct as io
+from server.managers import io_struct as io
 from server.chat_template import ChatTemplate
-from server.heartbeat import Heartbeat
-from server.ipc import pull_socket, push_socket
+from server.managers.heartbeat import Heartbeat
+from server.managers.ipc import pull_socket, push_socket
 from server.limits import CHARS_PER_TOKEN, Limits
 from server.validation import BadRequest, GenerateBatch, check_length
 from stage3_scheduler.sampling_params import SamplingParams

@@ -45,7 +45,7 @@ def local_follower_ranks(args: ServerArgs) -> list[int]:
 
 
 def spawn_followers(args: ServerArgs, children) -> list[str]:
-    from server.scheduler_process import run_tp_follower_process
+    from server.managers.scheduler_process import run_tp_follower_process
     names = []
     for rank in local_follower_ranks(args):
         children.spawn(f"scheduler-tp{rank}", run_tp_follower_process, args, rank)

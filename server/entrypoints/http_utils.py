@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from server.limits import Limits, PayloadTooLarge
-from server.tokenizer_manager import RequestFailed
+from server.managers.tokenizer_manager import RequestFailed
 from server.validation import BadRequest
 
 log = logging.getLogger(__name__)

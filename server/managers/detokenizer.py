@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
-from server import io_struct as io
-from server.ipc import parent_alive, pull_socket, push_socket
+from server.managers import io_struct as io
+from server.managers.ipc import parent_alive, pull_socket, push_socket
 from stage1_model.model_source import tokenizer_dir
 from stage1_model.tokenizer import load_tokenizer
 from stage3_scheduler.stops import ids_for_text, stop_string_end

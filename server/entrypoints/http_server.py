@@ -23,13 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from server import openai_api
-from server.auth import ApiKeyMiddleware
-from server.http_guard import GuardMiddleware, default_allowed_hosts
-from server.http_utils import (ClientGone, error_response, gather, last, merge, read_json, sse_stream,
+from server.entrypoints import openai_api
+from server.entrypoints.auth import ApiKeyMiddleware
+from server.entrypoints.http_guard import GuardMiddleware, default_allowed_hosts
+from server.entrypoints.http_utils import (ClientGone, error_response, gather, last, merge, read_json, sse_stream,
                                until_disconnect)
-from server.openapi_schema import install_openapi
-from server.tokenizer_manager import GenInput, RequestFailed, TokenizerManager
+from server.entrypoints.openapi_schema import install_openapi
+from server.managers.tokenizer_manager import GenInput, RequestFailed, TokenizerManager
 from server.validation import BadRequest, parse_generate
 from stage3_scheduler.sampling_params import SamplingParams
 

@@ -25,8 +25,8 @@ import os
 import msgspec
 import zmq
 
-from server import io_struct as io
-from server.ipc import parent_alive, pull_socket, push_socket
+from server.managers import io_struct as io
+from server.managers.ipc import parent_alive, pull_socket, push_socket
 from stage3_scheduler.request import Req
 from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from server.openai_logprobs import TokenText, chat_logprobs, completion_logprobs
+from server.entrypoints.openai_logprobs import TokenText, chat_logprobs, completion_logprobs
 from server.parsers.chat import ChatParsing
 
 
