@@ -23,6 +23,9 @@ Ids = list[int]
 Stop = Union[str, list[str], None]
 
 
+LogitBias = Field(None, description="token id (a decimal string) -> bias in [-100, 100], at most 1024 entries")
+
+
 class SamplingParamsModel(BaseModel):
     model_config = ConfigDict(extra="forbid", title="SamplingParams")
     max_new_tokens: Optional[int] = Field(None, ge=0)
@@ -42,6 +45,7 @@ class SamplingParamsModel(BaseModel):
     no_stop_trim: Optional[bool] = None
     n: Optional[int] = Field(None, ge=1, le=MAX_N)
     seed: Optional[int] = Field(None, ge=0)
+    logit_bias: Optional[dict[str, float]] = LogitBias
 
 
 NonEmpty = Field(min_length=1)
@@ -73,6 +77,7 @@ class OpenAICommon(BaseModel):
     n: Optional[int] = Field(None, ge=1, le=MAX_N)
     stop: Stop = None
     seed: Optional[int] = Field(None, ge=0)
+    logit_bias: Optional[dict[str, float]] = LogitBias
     stream: Optional[bool] = None
     stream_options: Optional[dict] = None
     rid: Union[str, list[str], None] = None
