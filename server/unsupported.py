@@ -15,7 +15,6 @@ LATER = "not supported yet (needs engine support)"
 
 # name -> (harmless values, why it is refused)
 NATIVE = {   # /generate, top level
-    "token_ids_logprob": ((), "logprobs of chosen token ids are " + LATER),
     "input_embeds": ((), "embeddings as input are not supported; send text or input_ids"),
     "image_data": ((), "images are not supported (text-only Qwen3)"),
     "video_data": ((), "video is not supported (text-only Qwen3)"),
@@ -48,7 +47,7 @@ SAMPLING = {   # sampling_params (native) and the same names at the top of OpenA
 
 OPENAI = {   # /v1/completions and /v1/chat/completions, top level
     **SAMPLING,
-    "token_ids_logprob": NATIVE["token_ids_logprob"],
+    "token_ids_logprob": ((), "token_ids_logprob is available on /generate (native API) only"),
     "return_hidden_states": NATIVE["return_hidden_states"],
     "return_routed_experts": NATIVE["return_routed_experts"],
     "custom_logit_processor": NATIVE["custom_logit_processor"],

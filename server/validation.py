@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from server.unsupported import NATIVE, SAMPLING, refusal
 from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
 
-MAX_BATCH, MAX_TOP_LOGPROBS = 1024, 20
+MAX_BATCH, MAX_TOP_LOGPROBS, MAX_TOKEN_IDS_LOGPROB = 1024, 20, 64
 
 
 class BadRequest(ValueError):
@@ -33,6 +33,7 @@ class GenerateBatch:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    token_ids_logprob: list[list[int]] | None = None   # per prompt: ids whose logprobs to report
 
 
 def _expect(ok: bool, msg: str) -> None:
@@ -137,7 +138,25 @@ def parse_generate(body, vocab_size: int) -> GenerateBatch:
     return GenerateBatch(prompts, params, rids_of(body.get("rid"), len(prompts)),
                          is_batch=not single or n_total > 1, stream=_flag(body, "stream"),
                          return_logprob=_flag(body, "return_logprob"), top_logprobs_num=top,
-                         return_text_in_logprobs=_flag(body, "return_text_in_logprobs"))
+                         return_text_in_logprobs=_flag(body, "return_text_in_logprobs"),
+                         token_ids_logprob=_token_ids_logprob(body, len(prompts), vocab_size))
+
+
+def _token_ids_logprob(body: dict, count: int, vocab_size: int) -> list[list[int]] | None:
+    """SGLang's token_ids_logprob: one list of ids for every prompt, or one list per prompt;
+    it needs return_logprob (the values come back in meta_info.output_token_ids_logprobs)."""
+    raw = body.get("token_ids_logprob")
+    if raw is None or raw == []:
+        return None
+    _expect(bool(body.get("return_logprob")), "token_ids_logprob: needs return_logprob: true")
+    per_prompt = raw if isinstance(raw, list) and raw and isinstance(raw[0], list) else [raw] * count
+    _expect(isinstance(raw, list) and len(per_prompt) == count,
+            f"token_ids_logprob: a list of token ids, or one list per prompt ({count})")
+    for ids in per_prompt:
+        _expect(isinstance(ids, list) and 0 < len(ids) <= MAX_TOKEN_IDS_LOGPROB
+                and all(_is_int(t) and 0 <= t < vocab_size for t in ids),
+                f"token_ids_logprob: 1..{MAX_TOKEN_IDS_LOGPROB} token ids in [0, {vocab_size}) per prompt")
+    return per_prompt
 
 
 def check_length(num_prompt: int, params: SamplingParams, context_length: int, pool_size: int) -> None:

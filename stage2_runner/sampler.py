@@ -32,6 +32,7 @@ class SamplingInfo:
     output_counts: torch.Tensor | None = None         # [B, V] counts of generated tokens
     seen_mask: torch.Tensor | None = None             # [B, V] prompt or output token seen
     logit_bias: tuple | None = None                   # (rows [N], token ids [N], biases [N]) or None
+    token_ids: torch.Tensor | None = None             # [B, K] ids whose logprobs to return, -1 = none
     top_logprobs_num: int = 0
     # Host-side flags so a batch that is all greedy / unfiltered skips the O(V log V) sort
     all_greedy: bool = False
@@ -95,6 +96,7 @@ class SampleOutput:
     logprobs: torch.Tensor | None        # [B] log p(token) under the unfiltered distribution
     top_logprobs: torch.Tensor | None    # [B, k]
     top_ids: torch.Tensor | None         # [B, k]
+    ids_logprobs: torch.Tensor | None = None   # [B, K] log p of info.token_ids (SGLang's token_ids_logprob)
 
 
 def apply_penalties(logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
@@ -153,4 +155,6 @@ def sample(logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:
     out = SampleOutput(tokens, logp.gather(-1, tokens[:, None])[:, 0], None, None)
     if info.top_logprobs_num:
         out.top_logprobs, out.top_ids = logp.topk(info.top_logprobs_num, dim=-1)
+    if info.token_ids is not None:
+        out.ids_logprobs = logp.gather(-1, info.token_ids.clamp(min=0))
     return out

@@ -35,6 +35,7 @@ class StepOutput:
     cached_tokens: int
     logprobs: list[tuple[float, int]] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    ids_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)   # token_ids_logprob
 
 
 @dataclass(eq=False)
@@ -44,6 +45,7 @@ class Req:
     params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    token_ids_logprob: list[int] = field(default_factory=list)   # ids whose logprobs to report per token
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: dict | None = None
@@ -64,6 +66,7 @@ class Req:
     pending: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)
     pending_top: list = field(default_factory=list)
+    pending_ids: list = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:
@@ -86,6 +89,7 @@ class Req:
 
     def take_output(self) -> StepOutput:
         out = StepOutput(self.rid, self.pending, self.finished, self.finish_reason, len(self.input_ids),
-                         len(self.output_ids), self.cached_tokens, self.pending_logprobs, self.pending_top)
-        self.pending, self.pending_logprobs, self.pending_top = [], [], []
+                         len(self.output_ids), self.cached_tokens, self.pending_logprobs, self.pending_top,
+                         self.pending_ids)
+        self.pending, self.pending_logprobs, self.pending_top, self.pending_ids = [], [], [], []
         return out

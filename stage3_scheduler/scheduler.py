@@ -216,13 +216,17 @@ class Scheduler(Admission):
         info = SamplingInfo.from_params(params, logits.shape[-1], logits.device,
                                         [(r.input_ids, r.output_ids) for r in reqs], steps=generated)
         info.need_logprobs = any(r.return_logprob for r in reqs)
+        if any(r.token_ids_logprob for r in reqs):        # [B, K], -1 pads (gathered, never reported)
+            k = max(len(r.token_ids_logprob) for r in reqs)
+            ids = [r.token_ids_logprob + [-1] * (k - len(r.token_ids_logprob)) for r in reqs]
+            info.token_ids = to_device(torch.tensor(ids, dtype=torch.int64), logits.device)
         return info
 
     def _commit(self, reqs: list[Req], out: SampleOutput) -> list[Req]:
         """Host side of sampling: append each token, then check the stop conditions."""
         tokens = out.tokens.tolist()
-        lps = out.logprobs.tolist() if out.logprobs is not None else None
-        top = (out.top_logprobs.tolist(), out.top_ids.tolist()) if out.top_ids is not None else None
+        host = {k: getattr(out, k).tolist() if getattr(out, k) is not None else None
+                for k in ("logprobs", "top_logprobs", "top_ids", "ids_logprobs")}
         eos, advanced = self.runner.eos_token_ids, []
         for i, (r, t) in enumerate(zip(reqs, tokens)):
             if r.finished:                 # finished while this batch ran (stage 5 overlap)
@@ -231,15 +235,23 @@ class Scheduler(Admission):
             r.output_ids.append(t)
             r.pending.append(t)
             if r.return_logprob:
-                r.pending_logprobs.append((lps[i], t))
-                r.output_logprobs.append((lps[i], t))
-                if top is not None and r.top_logprobs_num:
-                    k = r.top_logprobs_num
-                    r.pending_top.append(list(zip(top[0][i][:k], top[1][i][:k])))
+                self._record_logprobs(r, t, {k: v[i] if v is not None else None for k, v in host.items()})
             reason = check_stop(r, eos, self.tokenizer, self.runner.context_length)
             if reason:
                 self._finish(r, reason, keep_in_cache=True)
         return advanced
+
+    @staticmethod
+    def _record_logprobs(r: Req, token: int, row: dict) -> None:
+        """This request's row of the sampler's logprob outputs, in SGLang's (logprob, id) pairs."""
+        r.pending_logprobs.append((row["logprobs"], token))
+        r.output_logprobs.append((row["logprobs"], token))
+        if row["top_ids"] is not None and r.top_logprobs_num:
+            k = r.top_logprobs_num
+            r.pending_top.append(list(zip(row["top_logprobs"][:k], row["top_ids"][:k])))
+        if row["ids_logprobs"] is not None and r.token_ids_logprob:
+            n = len(r.token_ids_logprob)
+            r.pending_ids.append(list(zip(row["ids_logprobs"][:n], r.token_ids_logprob)))
 
     def _finish(self, r: Req, reason: dict, keep_in_cache: bool) -> None:
         r.finish(reason)

@@ -98,7 +98,8 @@ class OverlapScheduler(Scheduler):
         if not out.tokens.is_cuda:
             return out, None
         host = SampleOutput(*(None if t is None else t.to("cpu", non_blocking=True)
-                              for t in (out.tokens, out.logprobs, out.top_logprobs, out.top_ids)))
+                              for t in (out.tokens, out.logprobs, out.top_logprobs, out.top_ids,
+                                        out.ids_logprobs)))
         event = torch.cuda.Event()
         event.record()
         return host, event

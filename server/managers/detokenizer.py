@@ -66,7 +66,7 @@ class Detokenizer:
             del self.states[out.rid]
         return io.StrOut(out.rid, new_text, out.new_token_ids, out.finished, out.finish_reason,
                          out.prompt_tokens, out.completion_tokens, out.cached_tokens, out.logprobs,
-                         out.top_logprobs)
+                         out.top_logprobs, out.ids_logprobs)
 
     def _decode(self, st: DecodeState, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=st.params.skip_special_tokens)

@@ -23,6 +23,7 @@ class GenerateReq(msgspec.Struct, tag=True):
     sampling_params: dict[str, Any]       # validated SamplingParams.to_dict()
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    token_ids_logprob: list[int] = []     # ids whose logprobs come back with every token
 
 
 class AbortReq(msgspec.Struct, tag=True):
@@ -64,6 +65,7 @@ class TokenOut(msgspec.Struct):
     cached_tokens: int
     logprobs: list[tuple[float, int]] = []                 # (logprob, id) per new token
     top_logprobs: list[list[tuple[float, int]]] = []       # per new token, when asked for
+    ids_logprobs: list[list[tuple[float, int]]] = []       # per new token: token_ids_logprob's ids
     params: DetokParams | None = None
 
 
@@ -82,6 +84,7 @@ class StrOut(msgspec.Struct):
     cached_tokens: int
     logprobs: list[tuple[float, int]] = []
     top_logprobs: list[list[tuple[float, int]]] = []
+    ids_logprobs: list[list[tuple[float, int]]] = []
 
 
 class BatchStrOut(msgspec.Struct, tag=True):

@@ -141,7 +141,8 @@ class SchedulerServer:
                                               len(msg.input_ids), 0, 0, params=io.DetokParams()))
             return
         self.sched.add_request(Req(msg.rid, list(msg.input_ids), params, return_logprob=msg.return_logprob,
-                                   top_logprobs_num=msg.top_logprobs_num))
+                                   top_logprobs_num=msg.top_logprobs_num,
+                                   token_ids_logprob=list(msg.token_ids_logprob)))
         self.params[msg.rid] = io.DetokParams(params.skip_special_tokens, params.no_stop_trim, list(params.stop))
 
     def _outputs(self, step_outputs) -> list[io.TokenOut]:
@@ -150,7 +151,8 @@ class SchedulerServer:
             detok = self.params.pop(o.rid, None)        # first output of a rid carries its DetokParams
             outs.append(io.TokenOut(o.rid, list(o.new_token_ids), o.finished, o.finish_reason, o.prompt_tokens,
                                     o.completion_tokens, o.cached_tokens, [tuple(x) for x in o.logprobs],
-                                    [[tuple(x) for x in top] for top in o.top_logprobs], detok))
+                                    [[tuple(x) for x in top] for top in o.top_logprobs],
+                                    [[tuple(x) for x in ids] for ids in o.ids_logprobs], detok))
         return outs
 
 

@@ -50,6 +50,7 @@ class GenInput:
     # /abort_request, and `label` (e.g. "job-1") is what meta_info.id shows.
     client_rid: str | None = None
     label: str | None = None
+    token_ids_logprob: list[int] = field(default_factory=list)    # SGLang's token_ids_logprob
 
 
 @dataclass
@@ -60,6 +61,7 @@ class ReqState:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
+    ids_logprobs: list = field(default_factory=list)
     finished: bool = False
     aborted_by_client: bool = False
     first_token_at: float | None = None       # for TTFT / ITL metrics
@@ -156,7 +158,7 @@ class TokenizerManager:
         self.limits.check_batch(batch.prompts, batch.params)        # sizes first: before any tokenizing
         self.check_serving()
         inputs, arrival = [], time.perf_counter()
-        for prompt, params, rid in zip(batch.prompts, batch.params, batch.rids):
+        for i, (prompt, params, rid) in enumerate(zip(batch.prompts, batch.params, batch.rids)):
             ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
             check_length(len(ids), params, self.context_length, self.pool_size)
             for k in range(params.n):
@@ -165,7 +167,8 @@ class TokenizerManager:
                 label = rid if params.n == 1 else (f"{rid}-{k}" if rid else None)
                 inputs.append(GenInput(uuid.uuid4().hex, ids, sample_params(params, k), batch.return_logprob,
                                        batch.top_logprobs_num, batch.return_text_in_logprobs, arrival,
-                                       client_rid=rid, label=label))
+                                       client_rid=rid, label=label,
+                                       token_ids_logprob=batch.token_ids_logprob[i] if batch.token_ids_logprob else []))
         return inputs
 
     def check_serving(self) -> None:
@@ -181,7 +184,8 @@ class TokenizerManager:
             self.by_client.setdefault(inp.client_rid, set()).add(inp.rid)
         sp = inp.params.to_dict() | {"n": 1}          # samples are separate requests here
         try:
-            self._send(io.GenerateReq(inp.rid, inp.input_ids, sp, inp.return_logprob, inp.top_logprobs_num))
+            self._send(io.GenerateReq(inp.rid, inp.input_ids, sp, inp.return_logprob, inp.top_logprobs_num,
+                                      inp.token_ids_logprob))
             while not state.finished:
                 out = await state.queue.get()
                 # Coalesce what is already queued: a slow client gets fewer, bigger chunks.
@@ -217,6 +221,7 @@ class TokenizerManager:
         state.output_ids += out.new_token_ids
         state.logprobs += out.logprobs
         state.top_logprobs += out.top_logprobs
+        state.ids_logprobs += out.ids_logprobs
         state.finished = out.finished
 
     def _result(self, state: ReqState, out: io.StrOut) -> dict:
@@ -230,6 +235,8 @@ class TokenizerManager:
             meta["output_token_logprobs"] = [triple(lp, t) for lp, t in state.logprobs]
             if state.inp.top_logprobs_num:
                 meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in top] for top in state.top_logprobs]
+            if state.inp.token_ids_logprob:
+                meta["output_token_ids_logprobs"] = [[triple(lp, t) for lp, t in ids] for ids in state.ids_logprobs]
         return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": meta}
 
     def abort_client_rid(self, client_rid: str) -> bool:

@@ -147,3 +147,31 @@ def test_abort_reason_says_where_the_request_was(tiny_model_dir, vocab):
     eng.scheduler.abort("w")
     assert waiting.finish_reason == {"type": "abort", "message": "aborted in the waiting queue"}
     eng.check_integrity()
+
+
+def test_logprob_outputs_equal_with_and_without_overlap(tiny_model_dir, vocab):
+    """return_logprob, top_logprobs_num and token_ids_logprob come back for the same tokens,
+    with the same values, when results are read one step late."""
+    prompts = random_prompts(vocab, [6, 9], seed=10)
+    results = []
+    for overlap in (False, True):
+        eng = engine(tiny_model_dir[0], overlap)
+        reqs = [Req(f"l{i}", p, SamplingParams.from_dict(dict(GREEDY, max_new_tokens=6), vocab),
+                    return_logprob=True, top_logprobs_num=2, token_ids_logprob=[3, 7, 11][:i + 2])
+                for i, p in enumerate(prompts)]
+        for r in reqs:
+            eng.scheduler.add_request(r)
+        got = {r.rid: [] for r in reqs}
+        while eng.scheduler.has_work():
+            for out in eng.scheduler.step():
+                got[out.rid].append((out.new_token_ids, out.logprobs, out.top_logprobs, out.ids_logprobs))
+        flat = {rid: [sum((x[k] for x in steps), []) for k in range(4)] for rid, steps in got.items()}
+        assert all(len(f[3]) == len(f[0]) == 6 for f in flat.values())     # one entry per token
+        results.append(flat)
+    for rid in results[0]:
+        ids0, lp0, top0, idl0 = results[0][rid]
+        ids1, lp1, top1, idl1 = results[1][rid]
+        assert ids0 == ids1 and [t for _, t in lp0] == [t for _, t in lp1]
+        assert [[t for _, t in pos] for pos in idl0] == [[t for _, t in pos] for pos in idl1]
+        for a, b in zip(idl0, idl1):
+            assert [lp for lp, _ in a] == pytest.approx([lp for lp, _ in b], abs=1e-5)
