@@ -49,6 +49,9 @@ def child_setup(name: str, level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_once)
     setup_logging(level, name)
+    # The launcher already warned about the model directory (e.g. no tokenizer files); the
+    # children load the same directory and would say it twice more.
+    logging.getLogger("stage1_model.model_source").setLevel(logging.ERROR)
     try:                                 # name the process for ps/top (Linux; 15 chars at most)
         with open("/proc/self/comm", "w") as f:
             f.write(f"mini::{name}"[:15])
