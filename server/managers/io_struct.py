@@ -65,8 +65,8 @@ class TokenOut(msgspec.Struct):
     cached_tokens: int
     logprobs: list[tuple[float, int]] = []                 # (logprob, id) per new token
     top_logprobs: list[list[tuple[float, int]]] = []       # per new token, when asked for
-    ids_logprobs: list[list[tuple[float, int]]] = []       # per new token: token_ids_logprob's ids
     params: DetokParams | None = None
+    ids_logprobs: list[list[tuple[float, int]]] = []       # per new token: token_ids_logprob's ids
 
 
 class BatchTokenOut(msgspec.Struct, tag=True):

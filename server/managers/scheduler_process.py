@@ -151,8 +151,8 @@ class SchedulerServer:
             detok = self.params.pop(o.rid, None)        # first output of a rid carries its DetokParams
             outs.append(io.TokenOut(o.rid, list(o.new_token_ids), o.finished, o.finish_reason, o.prompt_tokens,
                                     o.completion_tokens, o.cached_tokens, [tuple(x) for x in o.logprobs],
-                                    [[tuple(x) for x in top] for top in o.top_logprobs],
-                                    [[tuple(x) for x in ids] for ids in o.ids_logprobs], detok))
+                                    [[tuple(x) for x in top] for top in o.top_logprobs], detok,
+                                    [[tuple(x) for x in ids] for ids in o.ids_logprobs]))
         return outs
 
 
