@@ -28,12 +28,14 @@ class WeightError(ValueError):
     pass
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device, factory: LayerFactory | None = None) -> Qwen3ForCausalLM:
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device, factory: LayerFactory | None = None,
+                model_cls=Qwen3ForCausalLM) -> Qwen3ForCausalLM:
+    """An uninitialised model; `model_cls` lets a later stage build a faster twin the same way."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)          # parameters are created directly in `dtype` ...
     try:
         with torch.device(device):          # ... and on the target device: no CPU copy of 16 GB
-            model = Qwen3ForCausalLM(cfg, factory)
+            model = model_cls(cfg, factory)
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
@@ -79,10 +81,15 @@ def init_dummy(model: Qwen3ForCausalLM, seed: int = 0, std: float = 0.02) -> Non
     """Random weights of the right shapes, generated on the model's device."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data.fill_(1.0)
-        else:
-            p.data.normal_(0.0, std, generator=gen)
+        fill_dummy(name, p.data, gen, std)
+
+
+def fill_dummy(name: str, t: torch.Tensor, gen: torch.Generator, std: float = 0.02) -> None:
+    """The dummy value of one parameter: norms 1, the rest N(0, std) drawn from `gen`."""
+    if "norm" in name:
+        t.fill_(1.0)
+    else:
+        t.normal_(0.0, std, generator=gen)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu",

@@ -19,6 +19,7 @@ per node>`; on CPU the ranks share the cores and talk over gloo.
 from __future__ import annotations
 
 import atexit
+import contextlib
 from dataclasses import asdict, fields
 
 import torch
@@ -87,10 +88,8 @@ class Engine(Stage4Engine):
         if self.tp is not None:
             sched = getattr(self, "scheduler", None)
             if isinstance(sched, CommandBroadcaster):
-                try:
+                with contextlib.suppress(RuntimeError):    # a follower may be gone already
                     sched.stop()
-                except RuntimeError:                 # a follower is gone already
-                    pass
             runner = getattr(self, "runner", None)
             if runner is not None:
                 runner.close()

@@ -30,7 +30,7 @@ import torch.nn as nn
 from stage1_model.config import ModelConfig, load_config
 from stage1_model.layers import LayerFactory, RMSNorm, RotaryEmbedding
 from stage1_model.model import Qwen3ForCausalLM, Qwen3Model
-from stage1_model.weights import build_model, load_safetensors
+from stage1_model.weights import build_model, fill_dummy, load_safetensors
 from stage5_tp_cudagraph import fused_kernels as fk
 from stage5_tp_cudagraph.tp_layers import column_shard, shard_of
 
@@ -187,15 +187,7 @@ class FusedQwen3ForCausalLM(Qwen3ForCausalLM):
 
 def build_fused_model(cfg: ModelConfig, dtype: torch.dtype, device,
                       factory: LayerFactory | None = None) -> FusedQwen3ForCausalLM:
-    """Parameters created directly in `dtype` on `device` (as stage 1's build_model)."""
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = FusedQwen3ForCausalLM(cfg, factory)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval()
+    return build_model(cfg, dtype, device, factory, model_cls=FusedQwen3ForCausalLM)
 
 
 def init_dummy_as_stage1(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0,
@@ -207,10 +199,7 @@ def init_dummy_as_stage1(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, meta in build_model(cfg, dtype, "meta").named_parameters():
         tensor = torch.empty(meta.shape, dtype=dtype, device=device)
-        if "norm" in name:
-            tensor.fill_(1.0)
-        else:
-            tensor.normal_(0.0, std, generator=gen)
+        fill_dummy(name, tensor, gen, std)
         target = view[name]
         target.weight_loader(target, tensor)
 

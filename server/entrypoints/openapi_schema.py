@@ -26,10 +26,8 @@ Stop = Union[str, list[str], None]
 LogitBias = Field(None, description="token id (a decimal string) -> bias in [-100, 100], at most 1024 entries")
 
 
-class SamplingParamsModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="SamplingParams")
-    max_new_tokens: Optional[int] = Field(None, ge=0)
-    min_new_tokens: Optional[int] = Field(None, ge=0)
+class SamplingFields(BaseModel):
+    """The sampling knobs native sampling_params and OpenAI bodies share, same names and ranges."""
     temperature: Optional[float] = Field(None, ge=0, le=100)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=-1)
@@ -37,15 +35,21 @@ class SamplingParamsModel(BaseModel):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
+    n: Optional[int] = Field(None, ge=1, le=MAX_N)
+    seed: Optional[int] = Field(None, ge=0)
+    logit_bias: Optional[dict[str, float]] = LogitBias
+
+
+class SamplingParamsModel(SamplingFields):
+    model_config = ConfigDict(extra="forbid", title="SamplingParams")
+    max_new_tokens: Optional[int] = Field(None, ge=0)
+    min_new_tokens: Optional[int] = Field(None, ge=0)
     stop: Stop = Field(None, description=f"at most {MAX_STOP_STRINGS} strings of 1..{MAX_STOP_LEN} characters")
     stop_token_ids: Optional[Ids] = None
     ignore_eos: Optional[bool] = None
     skip_special_tokens: Optional[bool] = None
     spaces_between_special_tokens: Optional[bool] = None
     no_stop_trim: Optional[bool] = None
-    n: Optional[int] = Field(None, ge=1, le=MAX_N)
-    seed: Optional[int] = Field(None, ge=0)
-    logit_bias: Optional[dict[str, float]] = LogitBias
 
 
 NonEmpty = Field(min_length=1)
@@ -63,21 +67,11 @@ class GenerateRequest(BaseModel):
     rid: Union[str, list[str], None] = None
 
 
-class OpenAICommon(BaseModel):
+class OpenAICommon(SamplingFields):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=0)
     min_tokens: Optional[int] = Field(None, ge=0)
-    temperature: Optional[float] = Field(None, ge=0, le=100)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
-    n: Optional[int] = Field(None, ge=1, le=MAX_N)
     stop: Stop = None
-    seed: Optional[int] = Field(None, ge=0)
-    logit_bias: Optional[dict[str, float]] = LogitBias
     stream: Optional[bool] = None
     stream_options: Optional[dict] = None
     rid: Union[str, list[str], None] = None

@@ -7,21 +7,14 @@
 Inputs are strided row views (a slice of a wider buffer), so a kernel that assumes
 contiguous rows fails. Run: python -m pytest -m gpu tests/stage5/test_fused_kernels.py
 """
-import importlib
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:   # TRITON_INTERPRET is read when @triton.jit runs: set it before the import
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "stage5_tp_cudagraph.fused_kernels" in sys.modules:
-        importlib.reload(sys.modules["stage5_tp_cudagraph.fused_kernels"])
-from stage1_model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
-from stage5_tp_cudagraph import fused_kernels as fk  # noqa: E402
+HAS_CUDA = torch.cuda.is_available()     # without it, tests/conftest.py runs Triton's interpreter
+from stage1_model.layers import RMSNorm, RotaryEmbedding
+from stage5_tp_cudagraph import fused_kernels as fk
 
 pytestmark = pytest.mark.stage5
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

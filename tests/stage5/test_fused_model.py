@@ -6,26 +6,19 @@ Triton's interpreter (fp32); GPU tests (marker gpu) add stage 2's ModelRunner wi
 triton backend, bf16, and a Qwen3-0.6B-shaped model.
 Run: python -m pytest -m gpu tests/stage5/test_fused_model.py
 """
-import importlib
-import os
 import shutil
-import sys
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:   # TRITON_INTERPRET is read when @triton.jit runs: set it before the import
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "stage5_tp_cudagraph.fused_kernels" in sys.modules:
-        importlib.reload(sys.modules["stage5_tp_cudagraph.fused_kernels"])
-from safetensors.torch import load_file, save_file  # noqa: E402
+HAS_CUDA = torch.cuda.is_available()     # without it, tests/conftest.py runs Triton's interpreter
+from safetensors.torch import load_file, save_file
 
-from helpers import TINY_CONFIGS, hf_greedy, make_hf, make_runner, random_prompts  # noqa: E402
-from stage1_model.config import ModelConfig  # noqa: E402
-from stage1_model.generate import forward_logits, generate  # noqa: E402
-from stage1_model.weights import WeightError, build_model, init_dummy, load_model  # noqa: E402
-from stage5_tp_cudagraph.fused_model import CheckpointView, build_fused_model, load_fused_model  # noqa: E402
+from helpers import TINY_CONFIGS, hf_greedy, make_hf, make_runner, random_prompts
+from stage1_model.config import ModelConfig
+from stage1_model.generate import forward_logits, generate
+from stage1_model.weights import WeightError, build_model, init_dummy, load_model
+from stage5_tp_cudagraph.fused_model import CheckpointView, build_fused_model, load_fused_model
 
 pytestmark = pytest.mark.stage5
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -46,23 +46,29 @@ def test_padded_decode_equals_plain_decode(tiny_model_dir, batch):
     assert runner.graphs.dummy_row not in runner.pool.free_rows
 
 
-def test_padded_rows_write_only_the_scratch_slot(tiny_model_dir):
-    path, _, cfg = tiny_model_dir
-    runner = padded_runner(path)
+def prefilled(runner, prompts):
+    """Prefill `prompts` and give each one slot for its next token: (rows, slots [B])."""
     pool = runner.pool
-    prompts = random_prompts(cfg.vocab_size, [7, 4, 9], seed=3)
-    rows = [pool.alloc_row() for _ in prompts]
-    last = [-1] * 3
-    extend(runner, rows, [0] * 3, prompts, last)
-    # One decode step of 3 requests, padded to 4: snapshot every layer's K/V around it.
+    rows, last = [pool.alloc_row() for _ in prompts], [-1] * len(prompts)
+    extend(runner, rows, [0] * len(prompts), prompts, last)
     locs = torch.cat([pool.allocator.alloc_extend(len(p), last[i], 1) for i, p in enumerate(prompts)])
     for row, p, loc in zip(rows, prompts, locs):
         pool.req_to_token[row, len(p)] = int(loc)
-    before = snapshot(pool)
-    batch = make_batch(rows, [len(p) for p in prompts], [[1], [2], [3]], locs, "cpu")
-    runner.forward(batch)
-    changed = written_slots(before, pool)
-    assert changed == set(locs.tolist()) | {runner.graphs.scratch_slot}
+    return rows, locs
+
+
+def decode(runner, rows, prompts, locs, token: int):
+    return runner.forward(make_batch(rows, [len(p) for p in prompts], [[token]] * len(rows), locs, "cpu"))
+
+
+def test_padded_rows_write_only_the_scratch_slot(tiny_model_dir):
+    path, _, cfg = tiny_model_dir
+    runner = padded_runner(path)
+    prompts = random_prompts(cfg.vocab_size, [7, 4, 9], seed=3)
+    rows, locs = prefilled(runner, prompts)
+    before = snapshot(runner.pool)
+    decode(runner, rows, prompts, locs, 1)              # 3 requests, padded to 4
+    assert written_slots(before, runner.pool) == set(locs.tolist()) | {runner.graphs.scratch_slot}
 
 
 def test_batches_above_max_bs_run_eagerly(tiny_model_dir):
@@ -83,19 +89,13 @@ def test_rows_left_by_a_bigger_batch_are_padded_again(tiny_model_dir):
     batch's values and must be reset, or it would write a real request's KV slot."""
     path, _, cfg = tiny_model_dir
     runner = padded_runner(path)
-    pool = runner.pool
     prompts = random_prompts(cfg.vocab_size, [4, 6, 5, 7, 3], seed=8)
-    rows = [pool.alloc_row() for _ in prompts]
-    last = [-1] * 5
-    extend(runner, rows, [0] * 5, prompts, last)
-    locs = torch.cat([pool.allocator.alloc_extend(len(p), last[i], 1) for i, p in enumerate(prompts)])
-    for row, p, loc in zip(rows, prompts, locs):
-        pool.req_to_token[row, len(p)] = int(loc)
-    runner.forward(make_batch(rows, [len(p) for p in prompts], [[1]] * 5, locs, "cpu"))
-    before = snapshot(pool)
-    runner.forward(make_batch(rows[:3], [len(p) for p in prompts[:3]], [[2]] * 3, locs[:3], "cpu"))
-    changed = written_slots(before, pool)
-    assert changed <= set(locs[:3].tolist()) | {runner.graphs.scratch_slot}
+    rows, locs = prefilled(runner, prompts)
+    decode(runner, rows, prompts, locs, 1)
+    before = snapshot(runner.pool)
+    decode(runner, rows[:3], prompts[:3], locs[:3], 2)     # new token: its 3 slots change
+    # (the scratch slot may get the very values it already had: leave it out)
+    assert written_slots(before, runner.pool) - {runner.graphs.scratch_slot} == set(locs[:3].tolist())
 
 
 def test_extend_warm_up_writes_only_the_scratch_slot(tiny_model_dir):
