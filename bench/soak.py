@@ -68,6 +68,9 @@ def _request(kind: str, rng) -> tuple[str, dict]:
                          "stream": kind in ("native_stream", "disconnect")}
 
 
+EXAMPLES: dict[str, str] = {}      # the first case of each unexpected outcome, for the summary
+
+
 async def _stream(c, path: str, body: dict, leave_early: bool) -> str:
     async with c.stream("POST", path, json=body) as r:
         if r.status_code != 200:
@@ -75,7 +78,9 @@ async def _stream(c, path: str, body: dict, leave_early: bool) -> str:
         async for line in r.aiter_lines():
             if leave_early and line.startswith("data: {"):
                 return "disconnected"                 # closing the stream aborts the request
-            if '"error"' in line and line.startswith("data: {"):
+            # An error event has a top-level "error" key; the word in generated text is not one.
+            if line.startswith("data: {") and "error" in json.loads(line[len("data: "):]):
+                EXAMPLES.setdefault("unexpected_stream_error", f"{path}: {line[:300]}")
                 return "unexpected_stream_error"
             if line == "data: [DONE]":
                 return "ok"
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                "p50_s": round(lat[len(lat) // 2], 3) if lat else None,
                "p99_s": round(lat[int(len(lat) * 0.99)], 3) if lat else None,
                "rss_mb_before": rss_before, "rss_mb_after": rss_after, "retractions": state["total_retractions"],
-               "kv_free_after_flush": state["kv_free_slots"], "kv_pool_size": state["kv_pool_size"]}
+               "kv_free_after_flush": state["kv_free_slots"], "kv_pool_size": state["kv_pool_size"],
+               "examples": EXAMPLES}
     ok = not unexpected and state["kv_free_slots"] == state["kv_pool_size"] and \
         (pid is None or rss_after - rss_before < args.max_rss_growth_mb)
     print(json.dumps({**summary, "ok": ok}, indent=1))
