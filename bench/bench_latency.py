@@ -7,6 +7,9 @@ For each batch size B: B random prompts of --input_len tokens, greedy, ignore_eo
 --output_len new tokens each, through the newest stage Engine (CUDA graphs + overlap unless
 disabled). Decode ms/token = time from the first sampled token to the last / (output_len - 1).
 
+With --tp N the Engine spawns ranks 1..N-1 (one GPU each) and the limit is rank 0's shard
+of the chain (all-reduces not included).
+
 The limit (GPU only): every weight GEMM of one decode step (q, k, v, o, gate, up, down of
 each layer, and the LM head) on the model's own weights, at batch B, captured in ONE CUDA
 graph and replayed: what a decode step costs with no attention, no norms, no launch gaps.
@@ -40,12 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 def make_engine(args):
     try:
         from stage5_tp_cudagraph.engine import Engine
-        extra = dict(disable_cuda_graph=args.disable_cuda_graph, disable_overlap=args.disable_overlap)
+        extra = dict(disable_cuda_graph=args.disable_cuda_graph, disable_overlap=args.disable_overlap, tp=args.tp)
         if args.cuda_graph_max_bs:
             extra["cuda_graph_max_bs"] = args.cuda_graph_max_bs
     except ImportError:
         from stage4_radix.engine import Engine
         extra = {}
+        assert args.tp == 1, "--tp needs stage 5"
     opts = dict(load_format=args.load_format, device=args.device, dtype=args.dtype,
                 attention_backend=args.attention_backend, max_total_tokens=args.max_total_tokens,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_running_requests=max(args.batch_sizes),
@@ -144,7 +148,7 @@ def main(argv=None) -> None:
         limit = gemm_chain_ms(engine.runner.model, b) if on_gpu and not args.skip_limit else None
         ratio = f"{ms / limit:.2f}x" if limit else "-"
         print(f"| {args.model} | {b} | {ms:.3f} | {limit and f'{limit:.3f}' or '-'} | {ratio} |", flush=True)
-        rows.append(dict(model=args.model, batch=b, input_len=args.input_len, output_len=args.output_len,
+        rows.append(dict(model=args.model, tp=args.tp, batch=b, input_len=args.input_len, output_len=args.output_len,
                          decode_ms_per_token=round(ms, 4), gemm_chain_ms=limit and round(limit, 4),
                          cuda_graphs=graphs, overlap=not args.disable_overlap,
                          tok_per_s=round(b * 1e3 / ms, 1)))
