@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def make_engine(args):
     try:
         from stage5_tp_cudagraph.engine import Engine
-        extra = dict(disable_cuda_graph=args.disable_cuda_graph, disable_overlap=args.disable_overlap, tp=args.tp)
+        extra = dict(disable_cuda_graph=args.disable_cuda_graph, disable_overlap=args.disable_overlap, tp=args.tp,
+                     disable_custom_all_reduce=args.disable_custom_all_reduce)
         if args.cuda_graph_max_bs:
             extra["cuda_graph_max_bs"] = args.cuda_graph_max_bs
     except ImportError:

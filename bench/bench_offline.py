@@ -32,7 +32,7 @@ from tqdm import tqdm
 from bench.common import add_engine_flags, parser
 
 FIRST_SPECIAL_ID = 151643            # random prompts stay below Qwen's special tokens
-STAGE5_KEYS = ("disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs", "tp")
+STAGE5_KEYS = ("disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs", "tp", "disable_custom_all_reduce")
 
 
 def build_parser() -> argparse.ArgumentParser:

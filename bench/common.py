@@ -29,3 +29,4 @@ def add_engine_flags(add) -> None:
     add("--disable_overlap", action="store_true", help="stage 5: synchronous scheduler loop")
     add("--cuda_graph_max_bs", type=int, default=None, help="stage 5: largest graph-replayed batch")
     add("--tp", type=int, default=1, help="stage 5: tensor-parallel ranks (one GPU each; spawned by the Engine)")
+    add("--disable_custom_all_reduce", action="store_true", help="stage 5, TP: NCCL for every all-reduce")

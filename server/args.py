@@ -43,6 +43,7 @@ class ServerArgs:
     node_rank: int = 0                      # only node 0 serves HTTP
     dist_init_addr: str | None = None       # HOST:PORT of node 0 (default: a free local port)
     dist_timeout: float = 600.0             # seconds for every rank to join
+    disable_custom_all_reduce: bool = False  # NCCL for every all-reduce
     attention_backend: str | None = None
     page_size: int = RunnerArgs.page_size
     gpu_memory_utilization: float = RunnerArgs.gpu_memory_utilization
@@ -87,7 +88,7 @@ class ServerArgs:
         opts.update({k: v for k, v in extra.items() if v != getattr(defaults, k)})
         if self.tp > 1:             # the process group (the launcher fills dist_init_addr on one node)
             opts.update(nnodes=self.nnodes, node_rank=self.node_rank, dist_init_addr=self.dist_init_addr,
-                        dist_timeout=self.dist_timeout)
+                        dist_timeout=self.dist_timeout, disable_custom_all_reduce=self.disable_custom_all_reduce)
         return opts
 
     def to_dict(self) -> dict:
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="HOST:PORT where node 0 meets the other ranks (needed with --nnodes > 1)")
     _flag(g, "dist_timeout", type=float, default=d.dist_timeout,
           help="seconds to wait for every tensor-parallel rank to join before giving up")
+    _flag(g, "disable_custom_all_reduce", action="store_true",
+          help="TP on GPUs: NCCL for every all-reduce, also the small decode ones (default: one-shot)")
     _flag(g, "attention_backend", default=None, choices=["torch", "triton", "fa", "fa3"],
           help="default: triton on GPU, torch on CPU (fa3 = fa)")
     _flag(g, "page_size", type=int, default=d.page_size, help="KV slots per page")

@@ -2,7 +2,7 @@
 
     tp = init_tp(rank, size, "HOST:PORT", device, timeout_s)   # every rank calls it; blocks until all joined
     get_tp() -> TPState | None        None: one process, nothing is parallel
-    tp.all_reduce(x)                  sum over ranks, in place (row-parallel outputs, embeddings)
+    tp.all_reduce(x)                  sum over ranks (row-parallel outputs, embeddings); use the result
     tp.all_gather(x)                  [N, local] on each rank -> [N, size * local], in rank order
     tp.broadcast(x)                   rank 0's tensor to everyone (the sampled ids)
     tp.min_int(n), tp.gather_ints(v), tp.broadcast_bytes(b)     control plane, on the CPU group
@@ -28,6 +28,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from stage5_tp_cudagraph.symm_all_reduce import SymmAllReduce
+
 log = logging.getLogger(__name__)
 CONTROL_TIMEOUT = timedelta(days=3650)      # followers idle as long as the server does
 _STATE: "TPState | None" = None
@@ -46,9 +48,12 @@ class TPState:
     device: torch.device
     device_group: object            # NCCL (cuda) or gloo (cpu)
     cpu_group: object               # gloo, for host-side control messages
+    small_all_reduce: SymmAllReduce | None = None     # GPUs: one-shot for small tensors
 
     # ---- activations (device group) ---------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small_all_reduce is not None and self.small_all_reduce.fits(x):
+            return self.small_all_reduce(x)
         dist.all_reduce(x, group=self.device_group)
         return x
 
@@ -98,8 +103,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def init_tp(rank: int, size: int, init_addr: str, device: torch.device, timeout_s: float = 600) -> TPState:
-    """Join the group of `size` ranks that meet at `init_addr` ("HOST:PORT", rank 0 listens)."""
+def init_tp(rank: int, size: int, init_addr: str, device: torch.device, timeout_s: float = 600,
+            custom_all_reduce: bool = True) -> TPState:
+    """Join the group of `size` ranks that meet at `init_addr` ("HOST:PORT", rank 0 listens).
+    `custom_all_reduce`: on GPUs, small all-reduces take the one-shot path (symm_all_reduce.py)."""
     global _STATE
     if _STATE is not None:
         raise RuntimeError("tensor parallelism is already initialised in this process")
@@ -115,8 +122,10 @@ def init_tp(rank: int, size: int, init_addr: str, device: torch.device, timeout_
                           f"and --nnodes?): {str(e).splitlines()[0]}") from None
     # A second group even on CPU: the device group keeps the join timeout for stuck collectives.
     cpu_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    _STATE = TPState(rank, size, device, dist.group.WORLD, cpu_group)
-    log.info("TP rank %d of %d joined at %s (%s)", rank, size, init_addr, backend)
+    small = SymmAllReduce.try_create(dist.group.WORLD, device) if custom_all_reduce else None
+    _STATE = TPState(rank, size, device, dist.group.WORLD, cpu_group, small)
+    log.info("TP rank %d of %d joined at %s (%s%s)", rank, size, init_addr, backend,
+             ", one-shot all-reduce for small tensors" if small else "")
     return _STATE
 
 

@@ -45,6 +45,7 @@ class Stage5Args:
     node_rank: int = 0
     dist_init_addr: str | None = None      # "HOST:PORT" where rank 0 listens (default: a free local port)
     dist_timeout: float = 600.0            # seconds to wait for every rank to join
+    disable_custom_all_reduce: bool = False  # True: NCCL for every all-reduce (no one-shot path)
     tp_rank: int | None = None             # None: this process is rank 0 and starts the others
 
 
