@@ -8,9 +8,11 @@ so the cost is the launch, not the math. These three kernels replace those chain
         -> (out, residual) when `residual` is given: residual <- x + residual, IN PLACE,
         then out = RMSNorm(residual); one kernel for "x = x + sublayer(x); norm(x)")
     qk_norm_rope(qkv [T, (H + 2*KVH) * D], q_weight [D], k_weight [D], cos/sin [P, D/2],
-        positions [T], H, KVH, eps) -> q [T, H, D], k [T, KVH, D], v [T, KVH, D]
+        positions [T], H, KVH, eps, kv_store=None) -> q [T, H, D], k [T, KVH, D], v [T, KVH, D]
         Qwen3's per-head RMSNorm of q and k, then RoPE (rotate-half), IN PLACE in qkv;
-        the three results are views of qkv.
+        the three results are views of qkv. With kv_store = (k_buffer [S, KVH, D],
+        v_buffer [S, KVH, D], loc [T]) the same launch also writes the finished k and v
+        rows into the KV pool at slots `loc` (what the attention backend's store would do).
     silu_and_mul(x [T, 2*I]) -> [T, I]: silu(gate) * up, gate = x[:, :I], up = x[:, I:]
 
 Numerics equal stage 1's modules up to float32 summation order: RMSNorm normalises in
@@ -88,16 +90,24 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 # --------------------------------------------------------------------------------------
 
 @triton.jit
-def _qk_norm_rope_kernel(QKV, QW, KW, Cos, Sin, Pos, stride_t, stride_cs, eps,
-                         NUM_Q: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+def _qk_norm_rope_kernel(QKV, QW, KW, Cos, Sin, Pos, KBuf, VBuf, Loc, stride_t, stride_cs, stride_bn, eps,
+                         NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                         STORE_KV: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)                     # 0..H-1: q heads; H..H+KVH-1: k heads (in qkv order)
+    h = tl.program_id(1)          # 0..H-1: q heads; then KVH k heads; then (STORE_KV) KVH v heads
     offs = tl.arange(0, BLOCK)               # one half of the head: rotate-half pairs i, i + D/2
     mask = offs < HALF
     base = QKV + t * stride_t + h * (2 * HALF)
     x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
     dtype = QKV.dtype.element_ty
+    if STORE_KV:
+        loc = tl.load(Loc + t).to(tl.int64)
+        if h >= NUM_Q + NUM_KV:              # a v head: nothing to compute, copy it to the pool
+            dst = VBuf + loc * stride_bn + (h - NUM_Q - NUM_KV) * (2 * HALF)
+            tl.store(dst + offs, x1.to(VBuf.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF + offs, x2.to(VBuf.dtype.element_ty), mask=mask)
+            return
 
     # RMSNorm over the whole head (both halves), rounded as stage 1's q_norm/k_norm
     rstd = tl.math.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
@@ -114,26 +124,43 @@ def _qk_norm_rope_kernel(QKV, QW, KW, Cos, Sin, Pos, stride_t, stride_cs, eps,
     pos = tl.load(Pos + t).to(tl.int64)
     cos = tl.load(Cos + pos * stride_cs + offs, mask=mask, other=0.0)
     sin = tl.load(Sin + pos * stride_cs + offs, mask=mask, other=0.0)
-    tl.store(base + offs, (y1 * cos - y2 * sin).to(dtype), mask=mask)
-    tl.store(base + HALF + offs, (y2 * cos + y1 * sin).to(dtype), mask=mask)
+    o1, o2 = (y1 * cos - y2 * sin).to(dtype), (y2 * cos + y1 * sin).to(dtype)
+    tl.store(base + offs, o1, mask=mask)
+    tl.store(base + HALF + offs, o2, mask=mask)
+    if STORE_KV:
+        if h >= NUM_Q:                       # a k head: its pool row too
+            dst = KBuf + loc * stride_bn + (h - NUM_Q) * (2 * HALF)
+            tl.store(dst + offs, o1.to(KBuf.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF + offs, o2.to(KBuf.dtype.element_ty), mask=mask)
 
 
 def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                 num_heads: int, num_kv_heads: int, eps: float):
+                 num_heads: int, num_kv_heads: int, eps: float, kv_store=None):
     """Normalise + rotate the q and k heads of qkv [T, (H + 2*KVH) * D] in place.
-    cos/sin [P, D/2] float32 (stage 1's RotaryEmbedding buffers). Returns views q, k, v."""
+    cos/sin [P, D/2] float32 (stage 1's RotaryEmbedding buffers). Returns views q, k, v.
+    kv_store: (k_buffer, v_buffer, loc) to also write k and v into the KV pool (one launch
+    fewer per layer than a separate store)."""
     _check_rows(qkv)
     T = qkv.shape[0]
     D = q_weight.shape[0]
     assert D % 2 == 0 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * D
     assert cos.shape == sin.shape and cos.shape[1] == D // 2 and cos.stride() == sin.stride()
     assert cos.stride(-1) == 1 and positions.shape == (T,)
+    if kv_store is not None:
+        k_buffer, v_buffer, loc = kv_store
+        assert k_buffer.shape[1:] == v_buffer.shape[1:] == (num_kv_heads, D) and loc.shape == (T,)
+        assert k_buffer.is_contiguous() and v_buffer.is_contiguous() and k_buffer.stride() == v_buffer.stride()
+    else:
+        k_buffer = v_buffer = loc = qkv                      # unused pointers (STORE_KV off)
     if T > 0:
         BLOCK = triton.next_power_of_2(D // 2)
-        _qk_norm_rope_kernel[(T, num_heads + num_kv_heads)](
-            qkv, q_weight, k_weight, cos, sin, positions, qkv.stride(0), cos.stride(0), eps,
-            NUM_Q=num_heads, HALF=D // 2, BLOCK=BLOCK, num_warps=1)
+        heads = num_heads + num_kv_heads * (2 if kv_store is not None else 1)
+        _qk_norm_rope_kernel[(T, heads)](
+            qkv, q_weight, k_weight, cos, sin, positions, k_buffer, v_buffer, loc,
+            qkv.stride(0), cos.stride(0), k_buffer.stride(0), eps,
+            NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=D // 2, BLOCK=BLOCK,
+            STORE_KV=kv_store is not None, num_warps=1)
     q_end, k_end = num_heads * D, (num_heads + num_kv_heads) * D
     return (qkv[:, :q_end].view(T, num_heads, D), qkv[:, q_end:k_end].view(T, num_kv_heads, D),
             qkv[:, k_end:].view(T, num_kv_heads, D))

@@ -130,9 +130,15 @@ class FusedAttention(nn.Module):
 
     def forward(self, x, positions, rope: RotaryEmbedding, attn, batch):
         qkv = self.qkv_proj(x)                             # [T, (H + 2*KVH) * D], one GEMM
+        # A paged backend (stage 2: `pool` + `attend`) gets its K/V rows written by the
+        # RoPE kernel itself; any other attention callable stores them as usual.
+        pool = getattr(attn, "pool", None) if hasattr(attn, "attend") else None
+        store = None if pool is None else (pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id],
+                                           batch.out_cache_loc)
         q, k, v = fk.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, rope.cos, rope.sin,
-                                  positions, self.num_heads, self.num_kv_heads, self.q_norm.eps)
-        return self.o_proj(attn(q, k, v, self.layer_id, batch))
+                                  positions, self.num_heads, self.num_kv_heads, self.q_norm.eps, store)
+        out = attn.attend(q, self.layer_id, batch) if store else attn(q, k, v, self.layer_id, batch)
+        return self.o_proj(out)
 
 
 class FusedMLP(nn.Module):

@@ -56,7 +56,7 @@ def check_rmsnorm(T, N, dtype, device, with_residual):
 
 
 @torch.inference_mode()
-def check_qk_norm_rope(T, H, KVH, D, dtype, device, max_pos=4096):
+def check_qk_norm_rope(T, H, KVH, D, dtype, device, max_pos=4096, store=False):
     q_norm, k_norm = norm_module(D, dtype, device, 2), norm_module(D, dtype, device, 3)
     rope = RotaryEmbedding(D, max_pos, 1e6).to(device)
     qkv = rows(T, (H + 2 * KVH) * D, dtype, device, seed=T)
@@ -64,12 +64,24 @@ def check_qk_norm_rope(T, H, KVH, D, dtype, device, max_pos=4096):
     q0, k0 = qkv[:, :H * D].view(T, H, D), qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
     ref_q, ref_k = rope(positions, q_norm(q0), k_norm(k0))            # stage 1's path
     ref_v = qkv[:, (H + KVH) * D:].clone()
-    q, k, v = fk.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, rope.cos, rope.sin, positions, H, KVH, EPS)
+    kv_store = None
+    if store:     # a pool of 2T + 3 slots; the T new rows go to scattered slots, the rest stay NaN
+        kbuf = torch.full((2 * T + 3, KVH, D), float("nan"), dtype=dtype, device=device)
+        vbuf = kbuf.clone()
+        loc = torch.randperm(2 * T + 3, generator=torch.Generator().manual_seed(T))[:T].to(device)
+        kv_store = (kbuf, vbuf, loc)
+    q, k, v = fk.qk_norm_rope(qkv, q_norm.weight, k_norm.weight, rope.cos, rope.sin, positions, H, KVH, EPS,
+                              kv_store)
     assert q.shape == (T, H, D) and k.shape == (T, KVH, D) and v.shape == (T, KVH, D)
     assert q.data_ptr() == qkv.data_ptr()                            # in place, views of qkv
     close(q, ref_q, dtype)
     close(k, ref_k, dtype)
     assert torch.equal(v.reshape(T, -1), ref_v)                      # v untouched
+    if store:                           # the pool holds exactly the returned k/v rows, only at loc
+        assert torch.equal(kbuf[loc], k) and torch.equal(vbuf[loc], v)
+        others = torch.ones(len(kbuf), dtype=torch.bool, device=device)
+        others[loc] = False
+        assert kbuf[others].isnan().all() and vbuf[others].isnan().all()
 
 
 @torch.inference_mode()
@@ -100,6 +112,12 @@ def test_qk_norm_rope_small(T, H, KVH, D):
 
 def test_qk_norm_rope_small_fp16_odd_tokens():
     check_qk_norm_rope(17, 4, 2, 16, torch.float16, DEV)
+
+
+@pytest.mark.parametrize("T,H,KVH,D", [(1, 4, 2, 16), (5, 3, 3, 8), (7, 2, 1, 12)])
+def test_qk_norm_rope_stores_kv(T, H, KVH, D):
+    """The KV-store variant writes the finished k and v rows at `loc` and nothing else."""
+    check_qk_norm_rope(T, H, KVH, D, torch.float32, DEV, store=True)
 
 
 @pytest.mark.parametrize("T,inter", [(1, 40), (3, 64), (2, 1500)])   # 1500: two masked blocks
@@ -148,6 +166,7 @@ def test_rmsnorm_gpu(hidden, dtype, with_residual):
 def test_qk_norm_rope_gpu(H, KVH, D, dtype):
     for T in TOKENS:
         check_qk_norm_rope(T, H, KVH, D, dtype, "cuda", max_pos=40960)
+        check_qk_norm_rope(T, H, KVH, D, dtype, "cuda", max_pos=40960, store=True)
 
 
 @pytest.mark.gpu
