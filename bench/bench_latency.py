@@ -79,10 +79,18 @@ def decode_ms_per_token(engine, batch: int, input_len: int, output_len: int, see
     return (t_end - t_first) * 1e3 / (output_len - 1)
 
 
+def linear_weights(model) -> list[torch.Tensor]:
+    """Every GEMM weight [out, in]: nn.Linear and the tensor-parallel linears (2-D weights
+    of any module but an embedding, whose lookup is no GEMM)."""
+    return [m.weight for m in model.modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+            and "Embedding" not in type(m).__name__]
+
+
 @torch.inference_mode()
 def gemm_chain_ms(model, batch: int, iters: int = 50) -> float:
     """All weight GEMMs of one decode step at batch `batch`, in one CUDA graph."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    weights = linear_weights(model)
     dtype, dev = weights[0].dtype, weights[0].device
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype, device=dev) for w in weights}
     outputs = [torch.empty(batch, w.shape[0], dtype=dtype, device=dev) for w in weights]
@@ -108,7 +116,7 @@ def prefill_report(engine, n: int, peak_tflops: float) -> dict:
     """One prompt of n tokens, one output token: time, model FLOPs (GEMMs + causal
     attention), TFLOPS and the share of peak, next to cuBLAS running the same GEMMs."""
     cfg, on_gpu = engine.runner.config, engine.runner.device.type == "cuda"
-    weights = sum(m.weight.numel() for m in engine.runner.model.modules() if isinstance(m, torch.nn.Linear))
+    weights = sum(w.numel() for w in linear_weights(engine.runner.model))
     attn = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2   # QK^T + PV, causal
     lm_head = cfg.vocab_size * cfg.hidden_size               # logits only for the last token
     flops = 2 * (weights - lm_head) * n + 2 * lm_head + attn
