@@ -73,15 +73,20 @@ cache_hits() {
 info = json.load(u.urlopen('http://127.0.0.1:$PORT/get_server_info', timeout=10))
 print(info['internal_states'][0].get('cache_hit_tokens', 0))"
 }
+flush_cache() {
+  $PY -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$PORT/flush_cache', method='POST'), timeout=10)"
+}
 
 for backend in ${BACKENDS:-sglang sglang-oai}; do
   echo "=== bench_serving --backend $backend, $DATASET, rate $RATE ==="
   OUT_FILE="${RESULTS_DIR:-/tmp}/bench_serving_${backend}${TAG:+_$TAG}.jsonl"
+  # Flushed here too, so that the client's warm-up request (its first prompt) cannot hit
+  # what the previous backend's run left cached: the count below is then the run's own.
+  flush_cache
   before=$(cache_hits)
   $PY $BENCH --backend $backend --host 127.0.0.1 --port "$PORT" --dataset-name "$DATASET" "${DATA_ARGS[@]}" \
     --request-rate "$RATE" --tokenizer "$TOKENIZER" --seed 1 --output-details --flush-cache \
     --output-file "$OUT_FILE"
-  # Includes the client's one warm-up request (sent before the flush).
   echo "prefix cache: $(( $(cache_hits) - before )) prompt tokens served from the cache during this run" \
        "(results appended to $OUT_FILE)"
 done
