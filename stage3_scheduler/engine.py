@@ -55,7 +55,8 @@ class Engine:
         return NoPrefixCache(self.runner.pool.allocator, self.runner.pool.allocator.page_size)
 
     # ---- requests -------------------------------------------------------------------
-    def _make_reqs(self, prompt, input_ids, sampling_params, return_logprob):
+    def _make_reqs(self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len=-1,
+                   top_logprobs_num=0):
         single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
         if input_ids is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -68,7 +69,10 @@ class Engine:
             raise ValueError("empty prompt: every request needs at least one input token")
         for ids, p in zip(input_ids, plist):
             params = p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p, self.runner.config.vocab_size)
-            reqs.append(Req(f"engine-{next(_ids)}", list(ids), params, return_logprob=return_logprob))
+            if not -1 <= logprob_start_len < len(ids):
+                raise ValueError(f"logprob_start_len {logprob_start_len}: must be -1 or less than the prompt length")
+            reqs.append(Req(f"engine-{next(_ids)}", list(ids), params, return_logprob=return_logprob,
+                            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num))
         return reqs, single
 
     def result(self, r: Req, t0: float) -> dict:
@@ -80,10 +84,18 @@ class Engine:
                              "e2e_latency": time.perf_counter() - t0}}
         if r.return_logprob:
             out["meta_info"]["output_token_logprobs"] = [[lp, t, None] for lp, t in r.output_logprobs]
+        if r.return_logprob and r.logprob_start_len >= 0:     # SGLang's triples; the first has no logprob
+            meta, (tokens, tops, _) = out["meta_info"], r.input_report
+            meta["input_token_logprobs"] = [[lp, t, None] for lp, t in tokens]
+            if r.top_logprobs_num:
+                meta["input_top_logprobs"] = [None if k is None else [[lp, t, None] for lp, t in k] for k in tops]
         return out
 
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False, stream=False):
-        reqs, single = self._make_reqs(prompt, input_ids, sampling_params, return_logprob)
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False, stream=False,
+                 logprob_start_len=-1, top_logprobs_num=0):
+        """logprob_start_len >= 0 (with return_logprob): meta_info.input_token_logprobs too."""
+        reqs, single = self._make_reqs(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
+                                       top_logprobs_num)
         if stream:
             return self._stream(reqs)
         t0 = time.perf_counter()
