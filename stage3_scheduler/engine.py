@@ -37,10 +37,11 @@ class Engine:
     def __init__(self, model: str = "demo", **options):
         rargs, sargs, rest = split_options({"model": model, **options})
         self.disable_radix_cache = rest.pop("disable_radix_cache", False)
+        skip_tokenizer_init = rest.pop("skip_tokenizer_init", False)    # ids in, ids out; no stop strings
         if rest:
             raise TypeError(f"unknown Engine options: {sorted(rest)}")
         self.runner = self.make_runner(rargs)
-        self.tokenizer = load_tokenizer(tokenizer_dir(self.runner.model_path))
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer_dir(self.runner.model_path))
         self.cache = self.make_cache()
         self.scheduler = self.make_scheduler(sargs)
 
@@ -59,6 +60,8 @@ class Engine:
                    top_logprobs_num=0):
         single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
         if input_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("skip_tokenizer_init: no tokenizer is loaded; pass input_ids")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             input_ids = [self.tokenizer.encode(p) for p in prompts]
         elif single:
@@ -77,7 +80,7 @@ class Engine:
 
     def result(self, r: Req, t0: float) -> dict:
         ids = ids_for_text(r.output_ids, r.params, r.finish_reason)
-        text = self.tokenizer.decode(ids, skip_special_tokens=r.params.skip_special_tokens)
+        text = self.tokenizer.decode(ids, skip_special_tokens=r.params.skip_special_tokens) if self.tokenizer else ""
         out = {"text": trim_stop_string(text, r, r.finish_reason), "output_ids": list(r.output_ids),
                "meta_info": {"id": r.rid, "finish_reason": r.finish_reason, "prompt_tokens": len(r.input_ids),
                              "completion_tokens": len(r.output_ids), "cached_tokens": r.cached_tokens,
