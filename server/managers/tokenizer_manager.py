@@ -155,7 +155,7 @@ class TokenizerManager:
 
     async def generate(self, inp: GenInput):
         if inp.rid in self.states:                  # internal rids are fresh; a caller reusing one is a bug
-            raise BadRequest("this request id is already in use")
+            raise BadRequest(f"Duplicate request ID detected: {inp.rid}")     # SGLang's words
         self.check_serving()
         state = self.states[inp.rid] = ReqState(inp)
         if inp.client_rid is not None:
