@@ -67,6 +67,7 @@ class ServerArgs:
     allowed_hosts: list[str] | None = None
     header_timeout: float = 10.0
     chat_template: str | None = None
+    skip_tokenizer_init: bool = False         # no tokenizer anywhere: input_ids in, output_ids out
     watchdog_timeout: float = 300.0
     exit_on_scheduler_stall: bool = False
     enable_metrics: bool = False
@@ -80,7 +81,8 @@ class ServerArgs:
                     max_running_requests=self.max_running_requests, context_length=self.context_length,
                     seed=self.seed, chunked_prefill_size=self.chunked_prefill_size,
                     max_prefill_tokens=self.max_prefill_tokens, schedule_policy=self.schedule_policy,
-                    trace_path=self.trace_path, disable_radix_cache=self.disable_radix_cache)
+                    trace_path=self.trace_path, disable_radix_cache=self.disable_radix_cache,
+                    skip_tokenizer_init=self.skip_tokenizer_init)
         # Stage-5 knobs travel only when they ask for something beyond the defaults.
         extra = dict(tp=self.tp, disable_cuda_graph=self.disable_cuda_graph, disable_overlap=self.disable_overlap,
                      cuda_graph_max_bs=self.cuda_graph_max_bs)
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "max_prefill_tokens", type=int, default=d.max_prefill_tokens, help="new tokens per extend batch")
     _flag(g, "disable_radix_cache", action="store_true", help="no prefix cache")
     _flag(g, "trace_path", default=None, help="write one JSON line per scheduler step here")
+    _flag(g, "skip_tokenizer_init", action="store_true",
+          help="load no tokenizer: requests send input_ids, responses carry output_ids and no text")
     g = p.add_argument_group("hardening")
     _flag(g, "max_request_bytes", type=int, default=d.max_request_bytes, help="larger bodies get 413")
     _flag(g, "max_prompt_chars", type=int, default=None,

@@ -199,8 +199,8 @@ def start_backend(args: ServerArgs, endpoints: Endpoints, children: Children):
     followers = spawn_followers(args, children)          # --tp > 1: ranks 1.. of this node (tp_launch.py)
     children.spawn("detokenizer", run_detokenizer_process, args, model_path, endpoints)
     log.info("loading %s on %s (scheduler process)", args.model, args.device)
-    tokenizer = load_tokenizer(tokenizer_dir(Path(model_path)))
-    if args.chat_template:          # the operator's template replaces the model's (never a request's)
+    tokenizer = None if args.skip_tokenizer_init else load_tokenizer(tokenizer_dir(Path(model_path)))
+    if args.chat_template and tokenizer is not None:          # the operator's template replaces the model's (never a request's)
         tokenizer.chat_template = read_chat_template(args.chat_template)
     info = wait_all_ready(children, ["scheduler", *followers])["scheduler"]
     children.wait_ready("detokenizer")

@@ -10,6 +10,7 @@ ignored, as SGLang's dataclass parsing ignores them; unknown sampling params are
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from server.unsupported import NATIVE, SAMPLING, refusal
@@ -34,6 +35,7 @@ class GenerateBatch:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     token_ids_logprob: list[list[int]] | None = None   # per prompt: ids whose logprobs to report
+    logprob_start_len: list[int] | None = None         # per prompt: >= 0 asks for prompt logprobs
 
 
 def _expect(ok: bool, msg: str) -> None:
@@ -108,7 +110,8 @@ def rids_of(raw, count: int) -> list[str | None]:
     rids = [raw] if isinstance(raw, str) else raw
     _expect(isinstance(rids, list) and len(rids) == count and all(isinstance(r, str) and r for r in rids),
             f"rid: must be a non-empty string per prompt ({count})")
-    _expect(len(set(rids)) == len(rids), "rid: duplicate request ids")
+    dup = sorted(r for r, k in Counter(rids).items() if k > 1)
+    _expect(not dup, f"Duplicate request IDs detected within the request: {dup}")     # SGLang's wording
     return rids
 
 
@@ -131,15 +134,27 @@ def parse_generate(body, vocab_size: int) -> GenerateBatch:
     _expect(_is_int(top) and 0 <= top <= MAX_TOP_LOGPROBS, f"top_logprobs_num: must be in [0, {MAX_TOP_LOGPROBS}]")
     why = refusal(body, NATIVE)         # never silently ignore a field that would change the answer
     _expect(why is None, why or "")
-    _expect(not (body.get("return_logprob") and body.get("logprob_start_len") not in (None, -1)),
-            "logprob_start_len: prompt (input) logprobs are not supported yet; use -1 for output logprobs only")
     n_total = sum(p.n for p in params)
     _expect(n_total <= MAX_BATCH, f"at most {MAX_BATCH} sequences per request (prompts x n)")
     return GenerateBatch(prompts, params, rids_of(body.get("rid"), len(prompts)),
                          is_batch=not single or n_total > 1, stream=_flag(body, "stream"),
                          return_logprob=_flag(body, "return_logprob"), top_logprobs_num=top,
                          return_text_in_logprobs=_flag(body, "return_text_in_logprobs"),
-                         token_ids_logprob=_token_ids_logprob(body, len(prompts), vocab_size))
+                         token_ids_logprob=_token_ids_logprob(body, len(prompts), vocab_size),
+                         logprob_start_len=_logprob_start_len(body, len(prompts)))
+
+
+def _logprob_start_len(body: dict, count: int) -> list[int] | None:
+    """SGLang's logprob_start_len: one int for every prompt or one per prompt; -1 (the default)
+    means output logprobs only, n >= 0 prompt logprobs from position n on. Without
+    return_logprob it has no effect, as in SGLang. `check_length` checks it against the prompt."""
+    raw = body.get("logprob_start_len")
+    if raw is None or not body.get("return_logprob"):
+        return None
+    per_prompt = raw if isinstance(raw, list) else [raw] * count
+    _expect(len(per_prompt) == count and all(_is_int(x) and x >= -1 for x in per_prompt),
+            f"logprob_start_len: must be -1 or a prompt position >= 0, or one such integer per prompt ({count})")
+    return None if all(x == -1 for x in per_prompt) else per_prompt
 
 
 def _token_ids_logprob(body: dict, count: int, vocab_size: int) -> list[list[int]] | None:
@@ -159,15 +174,20 @@ def _token_ids_logprob(body: dict, count: int, vocab_size: int) -> list[list[int
     return per_prompt
 
 
-def check_length(num_prompt: int, params: SamplingParams, context_length: int, pool_size: int) -> None:
-    """Prompt + completion must fit the context, and the prompt must fit the KV pool."""
+def check_length(num_prompt: int, params: SamplingParams, context_length: int, pool_size: int,
+                 logprob_start_len: int = -1) -> None:
+    """Prompt + completion must fit the context (SGLang's two messages, word for word: clients
+    match on them), and the prompt must fit the KV pool."""
     _expect(num_prompt > 0, "the prompt is empty after tokenization")
     _expect(num_prompt < context_length,
-            f"the prompt has {num_prompt} tokens; the context length is {context_length} tokens")
+            f"The input ({num_prompt} tokens) is longer than the model's context length ({context_length} tokens).")
     total = num_prompt + params.max_new_tokens
     _expect(total <= context_length,
-            f"the request needs {total} tokens ({num_prompt} prompt + {params.max_new_tokens} max_new_tokens), "
-            f"more than the context length of {context_length} tokens; shorten the prompt or lower "
-            "max_new_tokens")
+            f"Requested token count exceeds the model's maximum context length of {context_length} tokens. "
+            f"You requested a total of {total} tokens: {num_prompt} tokens from the input messages and "
+            f"{params.max_new_tokens} tokens for the completion. Please reduce the number of tokens in the input "
+            "messages or the completion to fit within the limit.")
+    _expect(logprob_start_len < num_prompt,
+            f"logprob_start_len ({logprob_start_len}) must be less than the prompt length ({num_prompt} tokens)")
     _expect(num_prompt < pool_size,
             f"the prompt has {num_prompt} tokens and cannot fit in the KV cache ({pool_size} token slots)")

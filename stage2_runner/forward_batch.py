@@ -32,6 +32,10 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
+    # Prompt logprobs (stage 3's prompt_logprobs.py): rows of T whose hidden states the
+    # runner keeps in `kept_hidden` [N, hidden]. None for plain batches: they pay nothing.
+    hidden_rows: torch.Tensor | None = None
+    kept_hidden: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

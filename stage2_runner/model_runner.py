@@ -3,7 +3,9 @@
 Contract: `ModelRunner(model="demo", ...)` loads weights, then sizes the KV pool from
 what memory is left (GPU: `gpu_memory_utilization` of the card for weights + KV; CPU: a
 byte budget) unless `max_total_tokens` fixes it. `forward(batch)` runs one extend or
-decode step and returns the logits of each request's last new token, [B, vocab] float32.
+decode step and returns the logits of each request's last new token, [B, vocab] float32;
+if `batch.hidden_rows` is set, it also leaves those rows' hidden states in
+`batch.kept_hidden` (prompt logprobs: the caller turns them into logprobs block by block).
 The runner allocates nothing per request: callers own slots and req_to_token rows.
 """
 from __future__ import annotations
@@ -95,6 +97,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.model(batch.input_ids, batch.positions, self.backend, batch)   # [T, hidden]
+        if batch.hidden_rows is not None:          # prompt logprobs asked for (rare): keep N rows
+            batch.kept_hidden = hidden[batch.hidden_rows]                            # [N, hidden]
         return self.model.compute_logits(hidden[batch.last_token_index])            # [B, vocab]
 
     def sample(self, logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:

@@ -37,10 +37,11 @@ class Engine:
     def __init__(self, model: str = "demo", **options):
         rargs, sargs, rest = split_options({"model": model, **options})
         self.disable_radix_cache = rest.pop("disable_radix_cache", False)
+        skip_tokenizer_init = rest.pop("skip_tokenizer_init", False)    # ids in, ids out; no stop strings
         if rest:
             raise TypeError(f"unknown Engine options: {sorted(rest)}")
         self.runner = self.make_runner(rargs)
-        self.tokenizer = load_tokenizer(tokenizer_dir(self.runner.model_path))
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer_dir(self.runner.model_path))
         self.cache = self.make_cache()
         self.scheduler = self.make_scheduler(sargs)
 
@@ -55,9 +56,12 @@ class Engine:
         return NoPrefixCache(self.runner.pool.allocator, self.runner.pool.allocator.page_size)
 
     # ---- requests -------------------------------------------------------------------
-    def _make_reqs(self, prompt, input_ids, sampling_params, return_logprob):
+    def _make_reqs(self, prompt, input_ids, sampling_params, return_logprob, logprob_start_len=-1,
+                   top_logprobs_num=0):
         single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
         if input_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("skip_tokenizer_init: no tokenizer is loaded; pass input_ids")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             input_ids = [self.tokenizer.encode(p) for p in prompts]
         elif single:
@@ -68,22 +72,33 @@ class Engine:
             raise ValueError("empty prompt: every request needs at least one input token")
         for ids, p in zip(input_ids, plist):
             params = p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p, self.runner.config.vocab_size)
-            reqs.append(Req(f"engine-{next(_ids)}", list(ids), params, return_logprob=return_logprob))
+            if not -1 <= logprob_start_len < len(ids):
+                raise ValueError(f"logprob_start_len {logprob_start_len}: must be -1 or less than the prompt length")
+            reqs.append(Req(f"engine-{next(_ids)}", list(ids), params, return_logprob=return_logprob,
+                            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num))
         return reqs, single
 
     def result(self, r: Req, t0: float) -> dict:
         ids = ids_for_text(r.output_ids, r.params, r.finish_reason)
-        text = self.tokenizer.decode(ids, skip_special_tokens=r.params.skip_special_tokens)
+        text = self.tokenizer.decode(ids, skip_special_tokens=r.params.skip_special_tokens) if self.tokenizer else ""
         out = {"text": trim_stop_string(text, r, r.finish_reason), "output_ids": list(r.output_ids),
                "meta_info": {"id": r.rid, "finish_reason": r.finish_reason, "prompt_tokens": len(r.input_ids),
                              "completion_tokens": len(r.output_ids), "cached_tokens": r.cached_tokens,
                              "e2e_latency": time.perf_counter() - t0}}
         if r.return_logprob:
             out["meta_info"]["output_token_logprobs"] = [[lp, t, None] for lp, t in r.output_logprobs]
+        if r.return_logprob and r.logprob_start_len >= 0:     # SGLang's triples; the first has no logprob
+            meta, (tokens, tops, _) = out["meta_info"], r.input_report
+            meta["input_token_logprobs"] = [[lp, t, None] for lp, t in tokens]
+            if r.top_logprobs_num:
+                meta["input_top_logprobs"] = [None if k is None else [[lp, t, None] for lp, t in k] for k in tops]
         return out
 
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False, stream=False):
-        reqs, single = self._make_reqs(prompt, input_ids, sampling_params, return_logprob)
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False, stream=False,
+                 logprob_start_len=-1, top_logprobs_num=0):
+        """logprob_start_len >= 0 (with return_logprob): meta_info.input_token_logprobs too."""
+        reqs, single = self._make_reqs(prompt, input_ids, sampling_params, return_logprob, logprob_start_len,
+                                       top_logprobs_num)
         if stream:
             return self._stream(reqs)
         t0 = time.perf_counter()

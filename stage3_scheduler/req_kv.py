@@ -11,6 +11,7 @@ import torch
 
 from stage2_runner.forward_batch import to_device
 from stage2_runner.kv_cache import KVPool, OutOfSlots
+from stage3_scheduler.prompt_logprobs import cache_limit
 from stage3_scheduler.request import Req
 
 
@@ -30,8 +31,9 @@ def ensure_free(pool: KVPool, cache, num_slots: int) -> None:
 def attach_prefix(req: Req, pool: KVPool, cache) -> None:
     """Admission: take the longest cached prefix (locked) and a req_to_token row."""
     slots, node = cache.match_prefix(req.all_ids)
-    # Always leave at least one token to compute: its logits give the next token.
-    keep = min(len(slots), (req.seq_len - 1) // cache.page_size * cache.page_size)
+    # Always leave at least one token to compute: its logits give the next token. Prompt
+    # positions that still need logprobs need their hidden states: no cache for them.
+    keep = min(len(slots), min(req.seq_len - 1, cache_limit(req)) // cache.page_size * cache.page_size)
     if keep < len(slots):
         slots, node = cache.match_prefix(req.all_ids[:keep])
     cache.lock(node)

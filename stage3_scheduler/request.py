@@ -36,6 +36,10 @@ class StepOutput:
     logprobs: list[tuple[float, int]] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     ids_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)   # token_ids_logprob
+    # Prompt logprobs (logprob_start_len >= 0), on the first output only; see prompt_logprobs.py
+    input_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)     # [None, [(lp, id) x k], ...]
+    input_ids_logprobs: list = field(default_factory=list)     # [None, [(lp, id) x K], ...]
 
 
 @dataclass(eq=False)
@@ -46,6 +50,7 @@ class Req:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     token_ids_logprob: list[int] = field(default_factory=list)   # ids whose logprobs to report per token
+    logprob_start_len: int = -1        # >= 0 (with return_logprob): prompt logprobs from this position
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: dict | None = None
@@ -67,6 +72,10 @@ class Req:
     pending_logprobs: list = field(default_factory=list)
     pending_top: list = field(default_factory=list)
     pending_ids: list = field(default_factory=list)
+    pending_input: tuple | None = None             # prompt logprobs: (tokens, top, ids) lists, unsent
+    input_report: tuple | None = None              # the same, kept (the offline Engine reads it)
+    prompt_lp_pos: int = 0                         # prompt positions before this have their logprobs
+    prompt_lp_parts: list = field(default_factory=list, repr=False)   # per extend chunk, until reported
 
     @property
     def all_ids(self) -> list[int]:
@@ -90,6 +99,7 @@ class Req:
     def take_output(self) -> StepOutput:
         out = StepOutput(self.rid, self.pending, self.finished, self.finish_reason, len(self.input_ids),
                          len(self.output_ids), self.cached_tokens, self.pending_logprobs, self.pending_top,
-                         self.pending_ids)
+                         self.pending_ids, *(self.pending_input or ()))
         self.pending, self.pending_logprobs, self.pending_top, self.pending_ids = [], [], [], []
+        self.pending_input = None
         return out

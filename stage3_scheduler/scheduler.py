@@ -26,7 +26,7 @@ import torch
 
 from stage2_runner.forward_batch import make_batch, to_device
 from stage2_runner.sampler import SampleOutput, SamplingInfo
-from stage3_scheduler import req_kv
+from stage3_scheduler import prompt_logprobs, req_kv
 from stage3_scheduler.policy import make_policy
 from stage3_scheduler.admission import Admission
 from stage3_scheduler.prefix_cache import NoPrefixCache
@@ -65,7 +65,7 @@ class Scheduler(Admission):
 
     # ---- public API -------------------------------------------------------------
     def add_request(self, req: Req) -> None:
-        if req.params.max_new_tokens == 0:
+        if req.params.max_new_tokens == 0 and not prompt_logprobs.wants(req):
             req.finish({"type": "length", "length": 0})
             self.finished_unreported.append(req)
             return
@@ -132,7 +132,12 @@ class Scheduler(Admission):
         toks = [r.all_ids[r.kv_len:r.kv_len + n] for r, n in batch]
         locs = torch.tensor([s for r, n in batch for s in r.slots[r.kv_len:r.kv_len + n]], dtype=torch.int64)
         fb = make_batch([r.row for r in reqs], [r.kv_len for r in reqs], toks, locs, self.runner.device)
+        lp_plan = prompt_logprobs.plan(batch)          # None unless a request wants prompt logprobs
+        if lp_plan is not None:
+            fb.hidden_rows = to_device(torch.tensor(lp_plan.rows), self.runner.device)
         logits = self.runner.forward(fb)
+        if lp_plan is not None:
+            prompt_logprobs.compute(lp_plan, self.runner, fb.kept_hidden)
         for r, n in batch:
             r.kv_len += n
         done = [i for i, r in enumerate(reqs) if not r.prefilling]
@@ -232,6 +237,11 @@ class Scheduler(Admission):
             if r.finished:                 # finished while this batch ran (stage 5 overlap)
                 continue
             advanced.append(r)
+            if prompt_logprobs.wants(r) and not r.output_ids:     # the first output carries them
+                prompt_logprobs.report(r)
+            if r.params.max_new_tokens == 0:       # prompt logprobs only (scoring): generate nothing
+                self._finish(r, {"type": "length", "length": 0}, keep_in_cache=True)
+                continue
             r.output_ids.append(t)
             r.pending.append(t)
             if r.return_logprob:

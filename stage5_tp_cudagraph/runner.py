@@ -104,6 +104,9 @@ class GraphModelRunner(ModelRunner):
         return None
 
     def forward(self, batch: ForwardBatch):
-        if self.graphs is not None and batch.is_decode and batch.batch_size <= self.graphs.max_bs:
+        # A one-token-per-request extend that wants prompt logprobs needs its hidden states:
+        # the graph returns logits only, so that rare batch runs eagerly.
+        if (self.graphs is not None and batch.is_decode and batch.batch_size <= self.graphs.max_bs
+                and batch.hidden_rows is None):
             return self.graphs.run(batch)
         return super().forward(batch)

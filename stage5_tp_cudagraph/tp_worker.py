@@ -16,7 +16,8 @@ that feed the next step are the same too.
              sched.step()   (forward: all-reduces pair up with rank r's)
 
 Messages are JSON, never pickle: {"op": "step" | "sync" | "stats" | "stop", "cmds": [...]},
-cmds ["add", rid, input_ids, sampling params, return_logprob, top_logprobs_num, token_ids_logprob],
+cmds ["add", rid, input_ids, sampling params, return_logprob, top_logprobs_num, token_ids_logprob,
+logprob_start_len] (every rank computes the same prompt logprobs: lm_head all-gathers),
 ["abort", rid], ["flush"]. `stats` gathers every rank's KV books (each rank's own
 pool, so a leak on any rank shows); `sync` only delivers commands (a keep-alive).
 """
@@ -55,7 +56,7 @@ class CommandBroadcaster:
     def add_request(self, req: Req) -> None:
         self.sched.add_request(req)
         self.pending.append(["add", req.rid, list(req.input_ids), asdict(req.params), req.return_logprob,
-                             req.top_logprobs_num, list(req.token_ids_logprob)])
+                             req.top_logprobs_num, list(req.token_ids_logprob), req.logprob_start_len])
 
     def abort(self, rid: str) -> None:
         self.sched.abort(rid)
@@ -96,9 +97,9 @@ class CommandBroadcaster:
 
 def apply(sched, cmd: list, vocab_size: int) -> None:
     if cmd[0] == "add":
-        _, rid, ids, params, logprob, top, token_ids = cmd
+        _, rid, ids, params, logprob, top, token_ids, start = cmd
         sched.add_request(Req(rid, ids, SamplingParams.from_dict(params, vocab_size), return_logprob=logprob,
-                              top_logprobs_num=top, token_ids_logprob=token_ids))
+                              top_logprobs_num=top, token_ids_logprob=token_ids, logprob_start_len=start))
     elif cmd[0] == "abort":
         sched.abort(cmd[1])
     elif cmd[0] == "flush":

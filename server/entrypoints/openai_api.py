@@ -25,7 +25,7 @@ from server.entrypoints.openai_reply import ChatReply, CompletionReply, usage
 from server.entrypoints.openai_tools import template_tools, tool_request
 from server.parsers.chat import ChatParsing
 from server.parsers.reasoning import prompt_opens_reasoning
-from server.managers.tokenizer_manager import TokenizerManager
+from server.managers.tokenizer_manager import NO_TOKENIZER, TokenizerManager
 from server.validation import BadRequest, GenerateBatch, check_ids, rids_of
 
 
@@ -51,7 +51,9 @@ class OpenAIRoutes:
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model")
         if model is not None and not (isinstance(model, str) and model in self.accepted):    # [] is unhashable
-            raise BadRequest(f"The model `{model}` does not exist. This server serves {self.name!r}.")
+            raise BadRequest(f"The model `{model}` does not exist.")       # SGLang's (and vLLM's) words
+        if self.tm.tokenizer is None:
+            raise BadRequest(f"{NO_TOKENIZER}; this route needs one (use /generate with input_ids)")
         return body
 
     async def completions(self, request: Request):
@@ -63,6 +65,8 @@ class OpenAIRoutes:
                 for p in prompts]
         logprobs = get(body, "logprobs", int)
         reply = CompletionReply(self.name, params.n, self.tt, logprobs is not None, echo, logprobs or 0)
+        # echo + logprobs: the prompt's own logprobs first (SGLang: logprob_start_len 0)
+        reply.echo_logprobs = logprobs is not None and get(body, "echo", bool, False)
         return await self.run(request, body, prompts, params, reply)
 
     async def chat(self, request: Request):
@@ -113,7 +117,8 @@ class OpenAIRoutes:
         stream = get(body, "stream", bool, False)
         reply.cache_report = self.cache_report
         batch = GenerateBatch(prompts, [params] * len(prompts), rids_of(body.get("rid"), len(prompts)), is_batch=True,
-                              stream=stream, return_logprob=reply.logprobs, top_logprobs_num=reply.top_logprobs)
+                              stream=stream, return_logprob=reply.logprobs, top_logprobs_num=reply.top_logprobs,
+                              logprob_start_len=[0] * len(prompts) if reply.echo_logprobs else None)
         inputs = await self.tm.prepare(batch)
         if not stream:
             results = await until_disconnect(request, gather(*[last(self.tm.generate(x)) for x in inputs]))

@@ -37,8 +37,9 @@ def _byte_symbols() -> dict[str, int]:
 BYTE_OF = _byte_symbols()                 # byte-level BPE symbol -> byte
 
 
-def finite(lp: float) -> float:
-    return lp if math.isfinite(lp) else FLOOR
+def finite(lp: float | None) -> float | None:
+    """None stays None: an echoed prompt's first token has no logprob (OpenAI sends null)."""
+    return lp if lp is None or math.isfinite(lp) else FLOOR
 
 
 class TokenText:
@@ -59,8 +60,8 @@ class TokenText:
 
 
 def completion_logprobs(tt: TokenText, lps: list, tops: list | None, offset: int) -> dict:
-    """`lps`: [[logprob, id, _], ...]; `tops`: per token, k triples, or None; `offset`: where
-    the first token's text starts in the choice's text (after an echoed prompt)."""
+    """`lps`: [[logprob, id, _], ...]; `tops`: per token, k triples (or None: a prompt's first
+    token), or None; `offset`: where the first token's text starts in the choice's text."""
     tokens = [tt.text(t) for _, t, _ in lps]
     offsets = []
     for tok in tokens:
@@ -68,7 +69,7 @@ def completion_logprobs(tt: TokenText, lps: list, tops: list | None, offset: int
         offset += len(tok)
     top = None
     if tops is not None:
-        top = [{tt.text(t): finite(lp) for lp, t, _ in alts} for alts in tops]
+        top = [None if alts is None else {tt.text(t): finite(lp) for lp, t, _ in alts} for alts in tops]
     return {"tokens": tokens, "token_logprobs": [finite(lp) for lp, _, _ in lps], "top_logprobs": top,
             "text_offset": offsets}
 

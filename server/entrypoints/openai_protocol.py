@@ -69,8 +69,6 @@ def completion_params(body: dict, vocab_size: int) -> SamplingParams:
     logprobs = get(body, "logprobs", int)
     if logprobs is not None and not (0 <= logprobs <= MAX_TOP_LOGPROBS):
         raise BadRequest(f"logprobs: must be in [0, {MAX_TOP_LOGPROBS}]")
-    if logprobs is not None and get(body, "echo", bool):
-        raise BadRequest("logprobs with echo: prompt (input) logprobs are not supported yet")
     return _params(body, vocab_size, get(body, "max_tokens", int, 16))     # OpenAI's default is 16
 
 
@@ -85,6 +83,9 @@ def chat_params(body: dict, vocab_size: int, prompt_len: int, context_length: in
     limit = get(body, "max_completion_tokens", int)
     if limit is None:
         limit = get(body, "max_tokens", int)
+    if limit is not None and limit > context_length:      # SGLang's words (and its missing space)
+        raise BadRequest(f"max_completion_tokens is too large: {limit}."
+                         f"This model supports at most {context_length} completion tokens.")
     return _params(body, vocab_size, limit if limit is not None else max(context_length - prompt_len, 0))
 
 

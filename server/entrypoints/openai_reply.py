@@ -42,6 +42,7 @@ def usage(results: list[dict], n: int, cache_report: bool = False) -> dict:
 class Reply:
     id_prefix = object_name = chunk_object = ""
     cache_report = False          # set from --enable_cache_report
+    echo_logprobs = False         # completions with echo and logprobs: the prompt's logprobs come first
 
     def __init__(self, model: str, n: int, token_text: TokenText, logprobs: bool, top_logprobs: int = 0):
         self.id, self.model, self.n = f"{self.id_prefix}-{uuid.uuid4().hex}", model, n
@@ -65,7 +66,9 @@ class Reply:
         old_text, old_tokens = (prev["text"], len(prev["output_ids"])) if prev else ("", 0)
         delta, reason = result["text"][len(old_text):], finish_reason(result["meta_info"])
         new_tokens = len(result["output_ids"]) > old_tokens
-        lp = self.format_logprobs(result["meta_info"], old_tokens, i) if self.logprobs and new_tokens else None
+        # a first chunk with echoed prompt logprobs says something even without new tokens (max_tokens 0)
+        wanted = self.logprobs and (new_tokens or (prev is None and self.echo_logprobs))
+        lp = self.format_logprobs(result["meta_info"], old_tokens, i) if wanted else None
         return self.delta_chunks(i, delta, reason, lp, first=prev is None)
 
 
@@ -77,9 +80,16 @@ class CompletionReply(Reply):
         self.echo = echo                          # per prompt: the prompt text, or "" without echo
 
     def format_logprobs(self, meta: dict, start: int, i: int) -> dict:
+        """Tokens from output token `start` on (a stream's delta); the echoed prompt's tokens
+        lead the first delta. Offsets count the echoed prompt and every earlier token, so
+        compute all, then slice."""
         lps, tops = self.native_logprobs(meta, 0)
-        # offsets count the echoed prompt and every earlier token, so compute all, then slice
         full = completion_logprobs(self.tt, lps, tops, len(self.echo[i // self.n]))
+        if self.echo_logprobs:          # OpenAI's echo: prompt tokens first (from offset 0), first logprob null
+            in_tops = meta.get("input_top_logprobs") if self.top_logprobs else None
+            prompt = completion_logprobs(self.tt, meta.get("input_token_logprobs", []), in_tops, 0)
+            full = {k: prompt[k] + v if isinstance(v, list) else v for k, v in full.items()}
+            start = start + len(prompt["tokens"]) if start else 0
         return {k: (v[start:] if isinstance(v, list) else v) for k, v in full.items()}
 
     def choice(self, i: int, r: dict) -> dict:

@@ -64,6 +64,11 @@ class GenerateRequest(BaseModel):
     return_logprob: Optional[bool] = None
     top_logprobs_num: Optional[int] = Field(None, ge=0, le=20)
     return_text_in_logprobs: Optional[bool] = None
+    logprob_start_len: Union[Annotated[int, Field(ge=-1)], list[Annotated[int, Field(ge=-1)]], None] = Field(
+        None, description="with return_logprob: -1 output logprobs only; n >= 0 (less than the prompt length) "
+        "also meta_info.input_token_logprobs from prompt position n; one value or one per prompt")
+    token_ids_logprob: Union[list[int], list[list[int]], None] = Field(
+        None, description="with return_logprob: 1..64 ids whose logprobs come back at every position")
     rid: Union[str, list[str], None] = None
 
 
@@ -80,7 +85,8 @@ class OpenAICommon(SamplingFields):
 class CompletionRequest(OpenAICommon):
     prompt: Union[Annotated[str, NonEmpty], Annotated[list[Annotated[str, NonEmpty]], NonEmpty],
                   Annotated[Ids, NonEmpty], Annotated[list[Annotated[Ids, NonEmpty]], NonEmpty]]
-    echo: Optional[bool] = None
+    echo: Optional[bool] = Field(None, description="prepend the prompt; with logprobs, its tokens' logprobs "
+                                 "come first (the first one null)")
     logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 

@@ -66,9 +66,12 @@ class Detokenizer:
             del self.states[out.rid]
         return io.StrOut(out.rid, new_text, out.new_token_ids, out.finished, out.finish_reason,
                          out.prompt_tokens, out.completion_tokens, out.cached_tokens, out.logprobs,
-                         out.top_logprobs, out.ids_logprobs)
+                         out.top_logprobs, out.ids_logprobs, out.input_logprobs, out.input_top_logprobs,
+                         out.input_ids_logprobs)
 
     def _decode(self, st: DecodeState, ids: list[int]) -> str:
+        if self.tokenizer is None:           # --skip_tokenizer_init: ids only, text stays ""
+            return ""
         return self.tokenizer.decode(ids, skip_special_tokens=st.params.skip_special_tokens)
 
     def _decode_new(self, st: DecodeState, final: bool) -> None:
@@ -112,7 +115,8 @@ def run_detokenizer_process(server_args, model_path: str, endpoints, ready_conn,
     from server.launch_server import child_setup
     child_setup("detokenizer", server_args.log_level)
     try:
-        detok = Detokenizer(load_tokenizer(tokenizer_dir(Path(model_path))))
+        skip = getattr(server_args, "skip_tokenizer_init", False)
+        detok = Detokenizer(None if skip else load_tokenizer(tokenizer_dir(Path(model_path))))
         ctx = zmq.Context()
         inbox, outbox = pull_socket(ctx, endpoints.detokenizer), push_socket(ctx, endpoints.tokenizer)
     except Exception as e:  # noqa: BLE001 - report any start-up failure to the launcher

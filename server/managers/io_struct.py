@@ -24,6 +24,7 @@ class GenerateReq(msgspec.Struct, tag=True):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     token_ids_logprob: list[int] = []     # ids whose logprobs come back with every token
+    logprob_start_len: int = -1           # >= 0: prompt logprobs from this position on
 
 
 class AbortReq(msgspec.Struct, tag=True):
@@ -67,6 +68,10 @@ class TokenOut(msgspec.Struct):
     top_logprobs: list[list[tuple[float, int]]] = []       # per new token, when asked for
     params: DetokParams | None = None
     ids_logprobs: list[list[tuple[float, int]]] = []       # per new token: token_ids_logprob's ids
+    # prompt logprobs (first output only); the first entry has no logprob, as in SGLang
+    input_logprobs: list[tuple[float | None, int]] = []
+    input_top_logprobs: list[list[tuple[float, int]] | None] = []
+    input_ids_logprobs: list[list[tuple[float, int]] | None] = []
 
 
 class BatchTokenOut(msgspec.Struct, tag=True):
@@ -85,6 +90,9 @@ class StrOut(msgspec.Struct):
     logprobs: list[tuple[float, int]] = []
     top_logprobs: list[list[tuple[float, int]]] = []
     ids_logprobs: list[list[tuple[float, int]]] = []
+    input_logprobs: list[tuple[float | None, int]] = []
+    input_top_logprobs: list[list[tuple[float, int]] | None] = []
+    input_ids_logprobs: list[list[tuple[float, int]] | None] = []
 
 
 class BatchStrOut(msgspec.Struct, tag=True):

@@ -133,6 +133,8 @@ class SchedulerServer:
             params = SamplingParams.from_dict(msg.sampling_params, self.vocab_size)
             if not msg.input_ids or not all(0 <= t < self.vocab_size for t in msg.input_ids):
                 raise InvalidParams(f"input_ids: must be non-empty ids in [0, {self.vocab_size})")
+            if not -1 <= msg.logprob_start_len < len(msg.input_ids):
+                raise InvalidParams("logprob_start_len: must be -1 or less than the prompt length")
             if len(msg.input_ids) >= self.context_length:
                 raise InvalidParams(f"input_ids: longer than the context length {self.context_length}")
         except InvalidParams as e:
@@ -142,7 +144,8 @@ class SchedulerServer:
             return
         self.sched.add_request(Req(msg.rid, list(msg.input_ids), params, return_logprob=msg.return_logprob,
                                    top_logprobs_num=msg.top_logprobs_num,
-                                   token_ids_logprob=list(msg.token_ids_logprob)))
+                                   token_ids_logprob=list(msg.token_ids_logprob),
+                                   logprob_start_len=msg.logprob_start_len))
         self.params[msg.rid] = io.DetokParams(params.skip_special_tokens, params.no_stop_trim, list(params.stop))
 
     def _outputs(self, step_outputs) -> list[io.TokenOut]:
@@ -152,8 +155,15 @@ class SchedulerServer:
             outs.append(io.TokenOut(o.rid, list(o.new_token_ids), o.finished, o.finish_reason, o.prompt_tokens,
                                     o.completion_tokens, o.cached_tokens, [tuple(x) for x in o.logprobs],
                                     [[tuple(x) for x in top] for top in o.top_logprobs], detok,
-                                    [[tuple(x) for x in ids] for ids in o.ids_logprobs]))
+                                    [[tuple(x) for x in ids] for ids in o.ids_logprobs],
+                                    [tuple(x) for x in o.input_logprobs], *_input_lists(o)))
         return outs
+
+
+def _input_lists(o) -> tuple[list, list]:
+    """Prompt top-k and token_ids_logprob lists: None (the first position) stays None."""
+    return tuple([None if row is None else [tuple(x) for x in row] for row in rows]
+                 for rows in (o.input_top_logprobs, o.input_ids_logprobs))
 
 
 def run_scheduler_process(server_args, endpoints, ready_conn, parent_pid: int) -> None:

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import zmq.asyncio
 
@@ -26,6 +26,7 @@ from server.managers import io_struct as io
 from server.chat_template import ChatTemplate
 from server.managers.heartbeat import Heartbeat
 from server.managers.ipc import pull_socket, push_socket
+from server.managers.req_state import GenInput, ReqState, apply_output, native_result
 from server.limits import CHARS_PER_TOKEN, Limits
 from server.validation import BadRequest, GenerateBatch, check_length
 from stage3_scheduler.sampling_params import SamplingParams
@@ -34,39 +35,8 @@ log = logging.getLogger(__name__)
 BIG_INPUT_CHARS = 4096          # longer texts are tokenized in a worker thread
 TOKENIZER_THREADS = 4           # a bounded pool: big prompts queue here, not on the event loop
 CONTROL_TIMEOUT_S = 30.0
+NO_TOKENIZER = "the server runs with --skip_tokenizer_init and has no tokenizer"
 HEALTH_TIMEOUT_S = 20.0         # SGLang's: /health fails when the scheduler is silent this long
-
-
-@dataclass
-class GenInput:
-    rid: str
-    input_ids: list[int]
-    params: SamplingParams
-    return_logprob: bool = False
-    top_logprobs_num: int = 0
-    return_text_in_logprobs: bool = False
-    arrival: float = field(default_factory=time.perf_counter)     # e2e_latency counts tokenization too
-    # `rid` is internal and unique; the client's rid (if any) groups its n samples for
-    # /abort_request, and `label` (e.g. "job-1") is what meta_info.id shows.
-    client_rid: str | None = None
-    label: str | None = None
-    token_ids_logprob: list[int] = field(default_factory=list)    # SGLang's token_ids_logprob
-
-
-@dataclass
-class ReqState:
-    inp: GenInput
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    ids_logprobs: list = field(default_factory=list)
-    finished: bool = False
-    aborted_by_client: bool = False
-    first_token_at: float | None = None       # for TTFT / ITL metrics
-    last_token_at: float = 0.0
-    metric_tokens: int = 0
 
 
 class RequestFailed(Exception):
@@ -111,9 +81,11 @@ class TokenizerManager:
         self.heartbeat.timeout = server_args.watchdog_timeout
         self.chat_template = self._compile_template()
 
-    def _compile_template(self) -> ChatTemplate:
+    def _compile_template(self) -> ChatTemplate | None:
         # The rendered prompt may exceed the content limit by the template's own text.
         tok = self.tokenizer
+        if tok is None:                   # --skip_tokenizer_init: chat routes answer 400
+            return None
         return ChatTemplate(tok.chat_template, getattr(tok, "bos_token", None), getattr(tok, "eos_token", None),
                             self.limits.max_prompt_chars + 65536)
 
@@ -145,6 +117,8 @@ class TokenizerManager:
 
     # ---- requests --------------------------------------------------------------------
     async def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise BadRequest(NO_TOKENIZER + "; send input_ids instead of text")
         if len(text) > BIG_INPUT_CHARS:          # do not stall every other client on one big prompt
             return await self.in_pool(self.tokenizer.encode, text)
         return self.tokenizer.encode(text)
@@ -160,7 +134,10 @@ class TokenizerManager:
         inputs, arrival = [], time.perf_counter()
         for i, (prompt, params, rid) in enumerate(zip(batch.prompts, batch.params, batch.rids)):
             ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-            check_length(len(ids), params, self.context_length, self.pool_size)
+            if params.stop and self.tokenizer is None:
+                raise BadRequest(NO_TOKENIZER + "; stop strings need one (stop_token_ids work)")
+            start = batch.logprob_start_len[i] if batch.logprob_start_len else -1
+            check_length(len(ids), params, self.context_length, self.pool_size, start)
             for k in range(params.n):
                 # Internal rids are always fresh, so a client's rid never collides with (or
                 # reveals) another client's; two requests may even carry the same client rid.
@@ -168,7 +145,8 @@ class TokenizerManager:
                 inputs.append(GenInput(uuid.uuid4().hex, ids, sample_params(params, k), batch.return_logprob,
                                        batch.top_logprobs_num, batch.return_text_in_logprobs, arrival,
                                        client_rid=rid, label=label,
-                                       token_ids_logprob=batch.token_ids_logprob[i] if batch.token_ids_logprob else []))
+                                       token_ids_logprob=batch.token_ids_logprob[i] if batch.token_ids_logprob else [],
+                                       logprob_start_len=start))
         return inputs
 
     def check_serving(self) -> None:
@@ -177,7 +155,7 @@ class TokenizerManager:
 
     async def generate(self, inp: GenInput):
         if inp.rid in self.states:                  # internal rids are fresh; a caller reusing one is a bug
-            raise BadRequest("this request id is already in use")
+            raise BadRequest(f"Duplicate request ID detected: {inp.rid}")     # SGLang's words
         self.check_serving()
         state = self.states[inp.rid] = ReqState(inp)
         if inp.client_rid is not None:
@@ -185,20 +163,20 @@ class TokenizerManager:
         sp = inp.params.to_dict() | {"n": 1}          # samples are separate requests here
         try:
             self._send(io.GenerateReq(inp.rid, inp.input_ids, sp, inp.return_logprob, inp.top_logprobs_num,
-                                      inp.token_ids_logprob))
+                                      inp.token_ids_logprob, inp.logprob_start_len))
             while not state.finished:
                 out = await state.queue.get()
                 # Coalesce what is already queued: a slow client gets fewer, bigger chunks.
                 while not out.finished and not state.queue.empty():
-                    self._apply(state, out)
+                    apply_output(state, out)
                     out = state.queue.get_nowait()
-                self._apply(state, out)
+                apply_output(state, out)
                 if self.metrics is not None:
                     self.metrics.on_output(state, out)
                 reason = out.finish_reason or {}
                 if out.finished and reason.get("type") == "abort" and not state.aborted_by_client:
                     raise RequestFailed(reason.get("message", "request aborted"), reason.get("status_code", 400))
-                yield self._result(state, out)
+                yield native_result(state, out, self.tokenizer)
         finally:
             self.states.pop(inp.rid, None)                # first: nothing may leave it behind
             self._forget_client_rid(inp)
@@ -215,29 +193,6 @@ class TokenizerManager:
             group.discard(inp.rid)
             if not group:
                 del self.by_client[inp.client_rid]
-
-    def _apply(self, state: ReqState, out: io.StrOut) -> None:
-        state.text += out.text
-        state.output_ids += out.new_token_ids
-        state.logprobs += out.logprobs
-        state.top_logprobs += out.top_logprobs
-        state.ids_logprobs += out.ids_logprobs
-        state.finished = out.finished
-
-    def _result(self, state: ReqState, out: io.StrOut) -> dict:
-        meta = {"id": state.inp.label or state.inp.rid, "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
-                "e2e_latency": time.perf_counter() - state.inp.arrival,
-                "weight_version": "default"}     # SGLang's field; weights are never updated in place here
-        if state.inp.return_logprob:        # SGLang's triples: [logprob, token id, text or null]
-            dec = self.tokenizer.decode if state.inp.return_text_in_logprobs else None
-            triple = lambda lp, t: [lp, t, dec([t]) if dec else None]  # noqa: E731
-            meta["output_token_logprobs"] = [triple(lp, t) for lp, t in state.logprobs]
-            if state.inp.top_logprobs_num:
-                meta["output_top_logprobs"] = [[triple(lp, t) for lp, t in top] for top in state.top_logprobs]
-            if state.inp.token_ids_logprob:
-                meta["output_token_ids_logprobs"] = [[triple(lp, t) for lp, t in ids] for ids in state.ids_logprobs]
-        return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": meta}
 
     def abort_client_rid(self, client_rid: str) -> bool:
         """Abort the requests sent with this rid (its n samples), matched by structure: aborting

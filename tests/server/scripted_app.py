@@ -13,7 +13,8 @@ from server.args import parse_args
 from server.managers.detokenizer import Detokenizer
 from server.entrypoints.http_server import build_app
 from server.managers.ipc import Endpoints
-from server.managers.tokenizer_manager import ReqState, TokenizerManager
+from server.managers.req_state import ReqState, apply_output, native_result
+from server.managers.tokenizer_manager import TokenizerManager
 
 EOS = 151645      # <|im_end|>
 
@@ -34,8 +35,8 @@ class ScriptedTM(TokenizerManager):
             params = io.DetokParams(inp.params.skip_special_tokens, inp.params.no_stop_trim, list(inp.params.stop))
             out = detok.feed(io.TokenOut(inp.rid, [t], last, reason, len(inp.input_ids), k + 1, 0, lp, top,
                                          params if k == 0 else None))
-            self._apply(state, out)
-            yield self._result(state, out)
+            apply_output(state, out)
+            yield native_result(state, out, self.tokenizer)
 
 
 def scripted_app(tokenizer, *flags: str):

@@ -119,9 +119,9 @@ def test_every_unsupported_openai_field_is_refused(client, name, path):
 
 
 @pytest.mark.parametrize("path,body,says", [
-    ("/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": 0}, "input) logprobs"),
+    ("/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": 5}, "less than the prompt length"),
+    ("/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs: must be in [0, 20]"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 1, "echo": True}, "echo"),
     ("/v1/completions", {"prompt": "hi", "n": 1, "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "chat"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, "needs logprobs"),
