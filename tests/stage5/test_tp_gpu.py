@@ -48,14 +48,15 @@ def test_fused_tp2_equals_stage1_tp1(name, dtype):
             assert tokens == want_tokens
             torch.testing.assert_close(logits, want_logits, rtol=1e-3, atol=2e-3)
         else:
-            # bf16: partial sums are rounded before the all-reduce, so near-ties may flip.
-            # Judge both bf16 runs against the fp32 model: sharding must not agree with it
-            # less often than the unsharded bf16 model does (one position of slack).
+            # bf16: partial sums are rounded before the all-reduce, so near-ties may flip
+            # (random weights leave many). Judge both bf16 runs against the fp32 model: the
+            # sharded one may be off by at most twice what the unsharded bf16 model is; a
+            # wrong shard would be off by the logits' own scale.
             assert torch.nn.functional.cosine_similarity(logits, want_logits, dim=-1).min() > 0.995
-            truth = reference(model_dir, "float32", 0)[0].argmax(-1)
-            agree_tp2 = int((logits.argmax(-1) == truth).sum())
-            agree_tp1 = int((want_logits.argmax(-1) == truth).sum())
-            assert agree_tp2 >= agree_tp1 - 1, (agree_tp2, agree_tp1, len(truth))
+            truth = reference(model_dir, "float32", 0)[0]
+            err_tp2 = (logits.float() - truth).norm(dim=-1).mean()
+            err_tp1 = (want_logits - truth).norm(dim=-1).mean()
+            assert err_tp2 <= 2 * err_tp1, (float(err_tp2), float(err_tp1), float(truth.norm(dim=-1).mean()))
 
 
 def reference(model_dir: str, dtype: str, n_new: int):
