@@ -87,6 +87,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FINAL: tl.constexpr,                        # one split: PartO is the output [B, H, D], no LSE
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(SeqLens + b)
@@ -130,8 +131,9 @@ def _decode_split_kernel(
     o = tl.where(has_keys, acc / tl.where(has_keys, l, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m + tl.math.log2(tl.where(has_keys, l, 1.0)), float("-inf"))
     o_ptr = PartO + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(o_ptr, o, mask=mask_h[:, None] & mask_d[None, :])
-    tl.store(PartLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+    tl.store(o_ptr, o.to(PartO.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    if not FINAL:
+        tl.store(PartLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
 # --------------------------------------------------------------------------------------
@@ -184,15 +186,22 @@ def decode_attention(q, k_buffer, v_buffer, out, req_to_token, req_pool_indices,
                          f"{H} heads x {num_kv_splits} splits x head_dim {D}")
     group = H // KVH
     BLOCK_D = _pow2(D)
+    # One split (big batches fill the GPU by themselves): the split kernel normalises and
+    # writes `out` itself, and the reduce launch is skipped.
+    final = num_kv_splits == 1
+    o_dst, o_strides = (out, (out.stride(0), out.stride(1), 0)) if final else \
+        (part_o, (part_o.stride(0), part_o.stride(1), part_o.stride(2)))
     _decode_split_kernel[(B, KVH, num_kv_splits)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_o, part_lse,
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, o_dst, part_lse,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        *o_strides, part_lse.stride(0), part_lse.stride(1),
         scale * LOG2E,
         GROUP=group, HEAD_DIM=D, NUM_SPLITS=num_kv_splits, BLOCK_H=_pow2(group), BLOCK_D=BLOCK_D,
-        BLOCK_N=DECODE_BLOCK_N, DOT_PRECISION=_dot_precision(k_buffer.dtype),
+        BLOCK_N=DECODE_BLOCK_N, DOT_PRECISION=_dot_precision(k_buffer.dtype), FINAL=final,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if final:
+        return out
     _decode_reduce_kernel[(B, H)](
         part_o, part_lse, out,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
