@@ -181,8 +181,8 @@ class TokenizerManager:
         if (spec := grammar_spec(params)) is None:
             return
         if self.grammars is None:
-            self.grammars = await self.in_pool(GrammarBackend, self.tokenizer, self.vocab_size,
-                                               self.info["eos_token_ids"])
+            stop_ids = self.info.get("eos_token_ids") or [self.tokenizer.eos_token_id]
+            self.grammars = await self.in_pool(GrammarBackend, self.tokenizer, self.vocab_size, stop_ids)
         try:
             await self.in_pool(self.grammars.compile, spec)
         except GrammarError as e:
