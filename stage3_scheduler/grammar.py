@@ -140,13 +140,18 @@ class RequestGrammar:
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
 
-def batch_bitmask(reqs: list, words: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def batch_bitmask(reqs: list, generated: list[int], words: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The allowed-token bitmask of each batch row that has a grammar: (rows [N], bits [N, W]).
     None when no row has one, so a batch without grammars does no work at all. The bits are
-    filled on the host (the matcher is CPU code) and reach the device in one non-blocking copy."""
+    filled on the host (the matcher is CPU code) and reach the device in one non-blocking copy.
+    `generated[i]`: tokens row i has generated, in-flight ones included (stage 5)."""
     rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
     if not rows:
         return None
+    # The mask follows the matcher, which must have seen every earlier token: stage 5's
+    # overlap commits a batch holding grammar rows before it launches the next one.
+    assert all(generated[i] == len(reqs[i].output_ids) for i in rows), \
+        "a grammar row was launched before its previous token was committed"
     bits = torch.full((len(rows), words), -1, dtype=torch.int32)       # all allowed until filled
     for k, i in enumerate(rows):
         g = reqs[i].grammar

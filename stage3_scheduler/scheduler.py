@@ -230,12 +230,8 @@ class Scheduler(Admission):
         info = SamplingInfo.from_params(params, logits.shape[-1], logits.device,
                                         [(r.input_ids, r.output_ids) for r in reqs], steps=generated)
         info.need_logprobs = any(r.return_logprob for r in reqs)
-        if self.grammars is not None:          # never built: no request ever had a grammar
-            # A grammar row's mask follows its matcher, which must have seen every earlier
-            # token: stage 5's overlap commits such rows before it launches them.
-            assert all(r.grammar is None or n == len(r.output_ids) for r, n in zip(reqs, generated)), \
-                "a grammar row was launched before its previous token was committed"
-            info.grammar_mask = batch_bitmask(reqs, self.grammars.words, logits.device)
+        if self.grammars is not None:          # None: no request ever had a grammar, no work at all
+            info.grammar_mask = batch_bitmask(reqs, generated, self.grammars.words, logits.device)
         if any(r.token_ids_logprob for r in reqs):        # [B, K], -1 pads (gathered, never reported)
             k = max(len(r.token_ids_logprob) for r in reqs)
             ids = [r.token_ids_logprob + [-1] * (k - len(r.token_ids_logprob)) for r in reqs]

@@ -64,8 +64,8 @@ def check_stop(req: Req, eos_ids: list[int], tokenizer, context_length: int) -> 
     p, out = req.params, req.output_ids
     if req.grammar is not None and (req.grammar.terminated or req.grammar.failed):
         if req.grammar.failed:
-            return {"type": "abort", "message": "the grammar cannot continue (min_new_tokens or stop_token_ids "
-                    "forced a token it forbids)"}
+            return {"type": "abort", "message": "the grammar was complete and allowed only a stop token, "
+                    "which min_new_tokens forbade"}
         return {"type": "stop", "matched": out[-1]}     # a stop token ended the grammar
     if len(out) >= p.min_new_tokens:
         if out and out[-1] in stop_token_ids(req, eos_ids):
