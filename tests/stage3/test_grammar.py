@@ -157,3 +157,14 @@ def test_stop_regex_redos_is_bounded(eng, pattern, ends):
     reason = check_stop_regex(req, eng.tokenizer)
     assert time.monotonic() - t0 < 2.0
     assert (reason or {}).get("type") == ends
+
+
+def test_a_finished_grammar_allows_only_a_stop_token(eng):
+    """ignore_eos does not run past the grammar's end; min_new_tokens that forbids the only
+    allowed token ends the request with an abort saying so, never with an invalid token."""
+    out = eng.generate("Hi", {"temperature": 0, "regex": YES_NO, "ignore_eos": True, "max_new_tokens": 10})
+    assert out["text"] in ("yes", "no") and out["meta_info"]["finish_reason"]["matched"] in eng.runner.eos_token_ids
+    out = eng.generate("Hi", {"temperature": 0, "regex": YES_NO, "min_new_tokens": 5, "max_new_tokens": 10})
+    assert out["meta_info"]["finish_reason"]["type"] == "abort" and "min_new_tokens" in \
+        out["meta_info"]["finish_reason"]["message"]
+    eng.scheduler.check_invariant()
