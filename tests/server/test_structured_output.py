@@ -7,9 +7,14 @@ JSON is compact, so even random weights reach the end of the object and stop.
 """
 import json
 import re
+import threading
 import time
 
+import httpx
 import pytest
+import regex
+
+from live_server import assert_no_leak, wait_idle
 
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
 pytestmark = pytest.mark.server
@@ -141,3 +146,31 @@ def test_tool_choice_required_and_named(oai, stream):
                 assert args["unit"] in ("celsius", "fahrenheit") and args["days"] in (1, 2, 3)
             else:
                 assert set(args) == {"utc"} and isinstance(args["utc"], bool)
+
+
+def test_aborted_and_concurrent_grammar_requests_free_every_slot(server, client):
+    """A long grammar request aborted by rid, another whose client leaves mid-stream, and a
+    concurrent mix of grammar and plain requests: all answer, and every KV slot comes back."""
+    long = {"regex": "(yes |no ){600}", "max_new_tokens": 1500, "temperature": 0}
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=httpx.post(
+        server.url + "/generate", json={"text": "busy", "sampling_params": long, "rid": "g-busy"}, timeout=120)))
+    t.start()
+    body = {"text": "stream", "sampling_params": long, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/generate", json=body) as r:
+        for n, line in enumerate(r.iter_lines()):
+            if n > 6:
+                break                             # leave mid-stream: the server aborts it
+    deadline = time.monotonic() + 20
+    while client.post("/abort_request", json={"rid": "g-busy"}).json().get("aborted") != ["g-busy"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t.join(30)
+    out = result["r"].json()
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert regex.fullmatch(long["regex"], out["text"], partial=True)        # a prefix of a match
+    batch = client.post("/generate", json={"text": ["a", "b", "c", "d"], "sampling_params": [
+        {"regex": "(yes|no)"}, {"max_new_tokens": 8}, {"json_schema": SCHEMA}, {"max_new_tokens": 5}]}).json()
+    assert batch[0]["text"] in ("yes", "no") and valid(json.loads(batch[2]["text"]))
+    assert all(o["meta_info"]["finish_reason"]["type"] in ("stop", "length") for o in batch)
+    assert_no_leak(wait_idle(client))
