@@ -9,11 +9,13 @@ back as plain content, which a client that sent tools would misread. `tool_choic
 (the default with tools) and "none" (tools are not shown to the model, nothing is parsed)
 work, and so do "required" and a named function ({"type": "function", "function": {"name"}}):
 those constrain the answer with a grammar (stage 3's structured output) to exactly one
-`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` whose arguments match the
-tool's parameters schema ("required": any offered tool; named: that one), then EOS. The
-usual qwen25 parser turns it into `tool_calls`. Templates that know tools (Qwen2.5/Qwen3's) render them; a template
-that ignores them (the demo model's plain ChatML) gets the tool list as a system message in
-Qwen's `<tools>` format instead, so the model is told about the tools either way.
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block (newlines around the JSON,
+as Qwen writes it) whose arguments match the tool's parameters schema ("required": any
+offered tool; named: that one), then EOS; the usual qwen25 parser turns it into
+`tool_calls`. One call, even with parallel_tool_calls: "required" asks for at least one.
+Templates that know tools (Qwen2.5/Qwen3's) render them; a template that ignores them (the
+demo model's plain ChatML) gets the tool list as a system message in Qwen's `<tools>`
+format instead, so the model is told about the tools either way.
 """
 from __future__ import annotations
 
