@@ -34,7 +34,7 @@ from stage2_runner.forward_batch import to_device
 
 KINDS = ("regex", "json_schema", "ebnf")
 MAX_GRAMMAR_CHARS = 64 * 1024          # a bigger spec is refused before any compile work
-CACHE_ENTRIES = 256                    # compiled grammars kept (LRU); errors are cached too
+CACHE_ENTRIES, CACHE_BYTES = 256, 256 << 20   # compiled grammars kept (LRU); errors are cached too
 
 
 class GrammarError(ValueError):
@@ -61,23 +61,27 @@ class GrammarBackend:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_ids)
         self.compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
         self.words = (vocab_size + 31) // 32          # W: int32 words per bitmask row
-        self.cache: OrderedDict = OrderedDict()
+        self.cache: OrderedDict = OrderedDict()       # (kind, text) -> CompiledGrammar or GrammarError
+        self.cache_bytes = 0
         self.lock = threading.Lock()
 
     def compile(self, spec: tuple[str, str]):
-        kind, text = spec
+        """The compiled grammar of (kind, text), from the cache when it was seen before."""
         with self.lock:
             hit = self.cache.get(spec)
             if hit is not None:
                 self.cache.move_to_end(spec)
         if hit is None:
-            hit = self._compile(kind, text)
+            hit = self._compile(*spec)
             with self.lock:
-                self.cache[spec] = hit
-                while len(self.cache) > CACHE_ENTRIES:
-                    self.cache.popitem(last=False)
+                if spec not in self.cache:
+                    self.cache[spec] = hit
+                    self.cache_bytes += _size(hit)
+                # Least recently used out first; a compiled grammar holds per-token masks (KBs to MBs).
+                while len(self.cache) > CACHE_ENTRIES or self.cache_bytes > CACHE_BYTES:
+                    self.cache_bytes -= _size(self.cache.popitem(last=False)[1])
         if isinstance(hit, GrammarError):
-            raise hit
+            raise GrammarError(str(hit))       # a fresh exception: a cached one would grow its traceback
         return hit
 
     def _compile(self, kind: str, text: str):
@@ -100,6 +104,10 @@ class GrammarBackend:
 
     def matcher(self, spec: tuple[str, str]) -> "RequestGrammar":
         return RequestGrammar(self.xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=self.stop_ids))
+
+
+def _size(entry) -> int:
+    return 0 if isinstance(entry, GrammarError) else entry.memory_size_bytes
 
 
 def _clean(message: str) -> str:

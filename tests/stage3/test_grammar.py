@@ -168,3 +168,15 @@ def test_a_finished_grammar_allows_only_a_stop_token(eng):
     assert out["meta_info"]["finish_reason"]["type"] == "abort" and "min_new_tokens" in \
         out["meta_info"]["finish_reason"]["message"]
     eng.scheduler.check_invariant()
+
+
+def test_compile_cache(eng, monkeypatch):
+    from stage3_scheduler import grammar
+    backend = eng.scheduler.grammars or eng.scheduler._grammar_backend()
+    assert backend.compile(("regex", "(x|y)z")) is backend.compile(("regex", "(x|y)z"))
+    for _ in range(2):                                  # a cached error is raised again, fresh
+        with pytest.raises(grammar.GrammarError, match="does not compile"):
+            backend.compile(("regex", "(x"))
+    monkeypatch.setattr(grammar, "CACHE_BYTES", 0)     # every compiled grammar is over budget
+    backend.compile(("regex", "[a-z]{300}"))
+    assert all(isinstance(v, grammar.GrammarError) for v in backend.cache.values()) and backend.cache_bytes == 0
