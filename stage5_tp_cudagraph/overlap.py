@@ -71,8 +71,9 @@ class OverlapScheduler(Scheduler):
         return super().has_unreported() or self.in_flight is not None
 
     def _grammar_in_flight(self) -> bool:
-        """Does the batch in flight hold a grammar request that may be decoded next?"""
-        return any(r.grammar is not None and not r.finished for r in self.in_flight[0])
+        """Does the batch in flight hold a grammar request that may be decoded next? (Never
+        when no request ever had a grammar: then not even this loop runs.)"""
+        return self.grammars is not None and any(r.grammar is not None and not r.finished for r in self.in_flight[0])
 
     # ---- launching ----------------------------------------------------------------
     def _can_decode(self, r: Req) -> bool:
