@@ -37,11 +37,8 @@ NATIVE = {   # /generate, top level
 }
 
 SAMPLING = {   # sampling_params (native) and the same names at the top of OpenAI bodies
-    "stop_regex": ((), "regex stop conditions are " + LATER),
-    "regex": ((), "structured output (regex) is " + LATER),
-    "json_schema": ((), "structured output (json_schema) is " + LATER),
-    "ebnf": ((), "structured output (ebnf) is " + LATER),
-    "structural_tag": ((), "structured output (structural_tag) is " + LATER),
+    "structural_tag": ((), "structured output with structural_tag is " + LATER + "; use regex, json_schema "
+                       "or ebnf"),
     "custom_params": ((), "custom logit processors would run client code; refused"),
 }
 

@@ -2,7 +2,8 @@
 
     sample(logits [B, V] float32, info) -> SampleOutput(tokens [B], logprobs [B], top ...)
 
-Order of operations, per row: logit_bias, then penalties, on raw logits -> (greedy rows: argmax) ->
+Order of operations, per row: logit_bias, then penalties, on raw logits -> grammar mask (rows
+with a grammar only: forbidden tokens -> -inf) -> (greedy rows: argmax) ->
 temperature -> top_k / top_p / min_p filter -> draw. A draw is the "exponential race"
 argmax(p / E), E ~ Exp(1), which samples exactly from p without torch.multinomial's
 host-side checks; rows with a seed take E from their own generator seeded by
@@ -33,6 +34,9 @@ class SamplingInfo:
     seen_mask: torch.Tensor | None = None             # [B, V] prompt or output token seen
     logit_bias: tuple | None = None                   # (rows [N], token ids [N], biases [N]) or None
     token_ids: torch.Tensor | None = None             # [B, K] ids whose logprobs to return, -1 = none
+    # Structured output: (rows [N], bitmask [N, ceil(V / 32)] int32), bit t set = token t
+    # allowed; None when no row has a grammar (then no mask work at all).
+    grammar_mask: tuple | None = None
     top_logprobs_num: int = 0
     # Host-side flags so a batch that is all greedy / unfiltered skips the O(V log V) sort
     all_greedy: bool = False
@@ -133,12 +137,23 @@ def exponential_noise(shape, info: SamplingInfo, device) -> torch.Tensor:
     return noise
 
 
+def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Forbidden tokens of the grammar rows -> -inf, all on the device (no host sync).
+    bitmask [N, W] int32: unpack to [N, W, 32] bits (little-endian within a word), flatten
+    to [N, W * 32] and cut to V. Out of place: the caller's logits stay untouched."""
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :logits.shape[-1]]   # [N, V]
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+
+
 def sample(logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:
     logits = logits.float()
     if info.logit_bias is not None:                 # OpenAI's logit_bias: added to the raw logits
         rows, toks, bias = info.logit_bias
         logits = logits.index_put((rows, toks), bias, accumulate=True)
     logits = apply_penalties(logits, info)
+    if info.grammar_mask is not None:               # last, so no bias or penalty can undo it
+        logits = apply_grammar_mask(logits, *info.grammar_mask)
     greedy = logits.argmax(-1)
     if info.all_greedy:
         tokens = greedy

@@ -67,6 +67,7 @@ class Req:
     output_logprobs: list = field(default_factory=list)   # (logprob, token id) per output token
     sampling_dict: dict | None = field(default=None, repr=False)   # params as the sampler reads them
     stop_ids: set[int] | None = field(default=None, repr=False)    # stop token ids (EOS included)
+    grammar: object = field(default=None, repr=False)   # grammar.RequestGrammar (structured output) or None
     # reported but not yet sent
     pending: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)

@@ -7,10 +7,12 @@ temperature once crashed a scheduler inside torch.multinomial).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
 MAX_STOP_STRINGS, MAX_STOP_LEN, MAX_N, MAX_LOGIT_BIAS = 16, 256, 16, 1024
+GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")      # structured output: at most one per request
 
 
 class InvalidParams(ValueError):
@@ -38,12 +40,21 @@ class SamplingParams:
     seed: int | None = None
     # token id -> added to its logit before sampling (OpenAI's logit_bias; JSON keys are strings)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Structured output (grammar.py compiles them; a JSON schema object is kept as its text)
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+    # Regular expressions searched in the tail of the output (stops.py; `regex` package)
+    stop_regex: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict | None, vocab_size: int | None = None) -> "SamplingParams":
         d = dict(d or {})
-        if isinstance(d.get("stop"), str):
-            d["stop"] = [d["stop"]]
+        for name in ("stop", "stop_regex"):      # a single string means a list of one
+            if isinstance(d.get(name), str):
+                d[name] = [d[name]]
+        if isinstance(d.get("json_schema"), dict):     # SGLang sends text; an object is fine too
+            d["json_schema"] = json.dumps(d["json_schema"])
         d = {k: v for k, v in d.items() if v is not None}     # clients send explicit nulls for defaults
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
@@ -73,7 +84,13 @@ class SamplingParams:
             ("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} entries"),
             ("logit_bias", all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
              "biases must be in [-100, 100]"),
+            ("stop_regex", len(self.stop_regex) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} patterns"),
+            ("stop_regex", all(0 < len(s) <= MAX_STOP_LEN for s in self.stop_regex),
+             f"patterns must be 1..{MAX_STOP_LEN} chars"),
         ]
+        grammars = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
+        checks.append((grammars[-1] if grammars else "regex", len(grammars) <= 1,
+                       f"at most one of {', '.join(GRAMMAR_FIELDS)} per request"))
         if vocab_size is not None:
             checks.append(("stop_token_ids", all(0 <= t < vocab_size for t in self.stop_token_ids),
                            f"ids must be in [0, {vocab_size})"))
@@ -83,6 +100,9 @@ class SamplingParams:
             if not ok:
                 got = repr(getattr(self, name))
                 raise InvalidParams(f"{name}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})")
+        if self.stop_regex:
+            from stage3_scheduler.stops import compile_stop_regex     # stops.py imports this module
+            compile_stop_regex(self.stop_regex)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +126,10 @@ def _coerce(name: str, value, typ: str):
         if not math.isfinite(number):        # NaN fails here too
             raise InvalidParams(f"{name}: must be a finite number (got {value!r})")
         return number
+    if typ == "str | None":
+        if not isinstance(value, str) or not value:
+            raise InvalidParams(f"{name}: must be a non-empty string")
+        return value
     if typ == "bool":
         if not isinstance(value, bool):
             raise InvalidParams(f"{name}: must be true or false (got {value!r})")

@@ -29,6 +29,7 @@ from stage2_runner.sampler import SampleOutput, SamplingInfo
 from stage3_scheduler import prompt_logprobs, req_kv
 from stage3_scheduler.policy import make_policy
 from stage3_scheduler.admission import Admission
+from stage3_scheduler.grammar import GrammarBackend, GrammarError, batch_bitmask, grammar_spec
 from stage3_scheduler.prefix_cache import NoPrefixCache
 from stage3_scheduler.request import Req, Status, StepOutput
 from stage3_scheduler.stops import check_stop, min_tokens_mask
@@ -62,6 +63,7 @@ class Scheduler(Admission):
         self.total_retractions = self.cache_hit_tokens = self.forwarded_tokens = 0
         self.last_was_chunk = False
         self.tracer = Tracer(self.args.trace_path)
+        self.grammars: GrammarBackend | None = None     # built on the first request with a grammar
 
     # ---- public API -------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -69,7 +71,19 @@ class Scheduler(Admission):
             req.finish({"type": "length", "length": 0})
             self.finished_unreported.append(req)
             return
+        if (spec := grammar_spec(req.params)) is not None and req.grammar is None:
+            try:
+                req.grammar = self._grammar_backend().matcher(spec)
+            except GrammarError as e:          # the server compiled it before: only offline callers get here
+                req.finish({"type": "abort", "message": str(e)})
+                self.finished_unreported.append(req)
+                return
         self.waiting.append(req)
+
+    def _grammar_backend(self) -> GrammarBackend:
+        if self.grammars is None:
+            self.grammars = GrammarBackend(self.tokenizer, self.runner.config.vocab_size, self.runner.eos_token_ids)
+        return self.grammars
 
     def abort(self, rid: str) -> None:
         for req in self.waiting + self.running:
@@ -221,6 +235,8 @@ class Scheduler(Admission):
         info = SamplingInfo.from_params(params, logits.shape[-1], logits.device,
                                         [(r.input_ids, r.output_ids) for r in reqs], steps=generated)
         info.need_logprobs = any(r.return_logprob for r in reqs)
+        if self.grammars is not None:          # None: no request ever had a grammar, no work at all
+            info.grammar_mask = batch_bitmask(reqs, generated, self.grammars.words, logits.device)
         if any(r.token_ids_logprob for r in reqs):        # [B, K], -1 pads (gathered, never reported)
             k = max(len(r.token_ids_logprob) for r in reqs)
             ids = [r.token_ids_logprob + [-1] * (k - len(r.token_ids_logprob)) for r in reqs]
@@ -244,6 +260,8 @@ class Scheduler(Admission):
                 continue
             r.output_ids.append(t)
             r.pending.append(t)
+            if r.grammar is not None:
+                r.grammar.accept(t)            # the matcher mirrors output_ids
             if r.return_logprob:
                 self._record_logprobs(r, t, {k: v[i] if v is not None else None for k, v in host.items()})
             reason = check_stop(r, eos, self.tokenizer, self.runner.context_length)

@@ -23,6 +23,13 @@ Why freeing at once is safe: everything runs on one CUDA stream, so a slot or ro
 now and handed to a later batch is written only by kernels queued after the in-flight
 batch, which is done with it by then. Host buffers stay valid because PyTorch's pinned
 allocator does not reuse a staging buffer before its copy has run.
+Grammar rows (structured output) cannot be launched blind: the mask of step N+1 comes
+from a matcher that must first accept token N, which is still on the device. Of the two
+correct schemes, (a) commit batch N before launching N+1 whenever N holds a running grammar
+row, and (b) leave grammar rows out of every other launch while their token is in flight,
+this file does (a): it is a few lines, keeps grammar requests at one token per step, and
+costs only the steps where a grammar request decodes (they run synchronously, as in stage
+3); (b) would halve grammar requests' speed and split the batch bookkeeping in two.
 On CPU, kernels finish before the call returns, so nothing really overlaps, but the
 lagged bookkeeping is the same and is tested there against stage 3 token for token.
 """
@@ -47,7 +54,10 @@ class OverlapScheduler(Scheduler):
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         self._launched = None
-        reports = self._run_batch()                       # schedule + launch N+1 (returns [])
+        reports = []
+        if self.in_flight is not None and self._grammar_in_flight():
+            reports += self._commit_in_flight()           # synchronous step: masks need token N
+        reports += self._run_batch()                      # schedule + launch N+1 (returns [])
         if self.in_flight is not None:
             reports += self._commit_in_flight()           # host side of batch N
         self.in_flight, self._launched = self._launched, None
@@ -59,6 +69,11 @@ class OverlapScheduler(Scheduler):
 
     def has_unreported(self) -> bool:
         return super().has_unreported() or self.in_flight is not None
+
+    def _grammar_in_flight(self) -> bool:
+        """Does the batch in flight hold a grammar request that may be decoded next? (Never
+        when no request ever had a grammar: then not even this loop runs.)"""
+        return self.grammars is not None and any(r.grammar is not None and not r.finished for r in self.in_flight[0])
 
     # ---- launching ----------------------------------------------------------------
     def _can_decode(self, r: Req) -> bool:

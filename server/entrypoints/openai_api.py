@@ -78,7 +78,8 @@ class OpenAIRoutes:
         if continue_final and messages[-1]["role"] != "assistant":
             raise BadRequest("continue_final_message: the last message must be the assistant's partial answer")
         ids, text = await self.apply_template(messages, kwargs, tools, continue_final)
-        params = chat_params(body, self.tm.vocab_size, len(ids), self.tm.context_length)
+        params = chat_params(body, self.tm.vocab_size, len(ids), self.tm.context_length,
+                             tools.grammar if tools else None)
         parsing = ChatParsing(reasoning=self.reasoning_parser is not None and get(body, "separate_reasoning", bool, True)
                               and kwargs.get("enable_thinking", True) is not False,
                               in_reasoning=prompt_opens_reasoning(text),

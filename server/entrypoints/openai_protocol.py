@@ -7,8 +7,10 @@ OpenAI names map to SGLang's (`max_tokens` -> `max_new_tokens`, `min_tokens` ->
 `min_new_tokens`); SGLang's extra sampling fields (top_k, min_p, repetition_penalty,
 ignore_eos, stop_token_ids, skip_special_tokens, no_stop_trim) are accepted too, since
 SGLang's bench_serving and users send them, and `sampling_seed` is SGLang's name for `seed`.
-Features this server does not have (server/unsupported.py: structured output,
-stop_regex, ...) are refused with a 400, never silently ignored.
+Structured output: OpenAI's `response_format` (json_object, json_schema) becomes a JSON
+schema grammar; SGLang's `regex`, `json_schema`, `ebnf` and `stop_regex` pass through (one
+grammar per request). Features this server does not have (server/unsupported.py) are
+refused with a 400, never silently ignored.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from stage3_scheduler.sampling_params import InvalidParams, SamplingParams
 
 PASS_THROUGH = ["temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
                 "repetition_penalty", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-                "no_stop_trim", "seed", "sampling_seed", "n", "logit_bias"]
+                "no_stop_trim", "seed", "sampling_seed", "n", "logit_bias", "regex", "json_schema", "ebnf",
+                "stop_regex"]
 RENAMED = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
@@ -39,17 +42,44 @@ def _refuse_unsupported(body: dict) -> None:
     why = refusal(body, OPENAI)
     if why:
         raise BadRequest(why)
-    rf = body.get("response_format")
-    if rf and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise BadRequest("response_format: only {\"type\": \"text\"} is supported; structured output "
-                         "(json_object, json_schema) is not supported yet")
     best_of = get(body, "best_of", int, 1)
     if best_of not in (1, get(body, "n", int, 1)):
         raise BadRequest("best_of: ranking best_of samples to return n is not supported; send n alone")
 
 
-def _params(body: dict, vocab_size: int, max_tokens: int) -> SamplingParams:
+def response_format_schema(body: dict) -> str | None:
+    """OpenAI's response_format as JSON-schema text: None for "text" (no constraint); any
+    object for "json_object"; the given schema for "json_schema". `strict` is accepted either
+    way: the grammar always enforces the schema, which is what strict asks for."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind != "json_schema":
+        raise BadRequest('response_format: must be {"type": "text"}, {"type": "json_object"} or '
+                         '{"type": "json_schema", "json_schema": {"name", "schema"}}')
+    spec = rf.get("json_schema")
+    if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"]):
+        raise BadRequest("response_format.json_schema: must be an object with a non-empty string 'name'")
+    schema, strict = spec.get("schema", {"type": "object"}), spec.get("strict")
+    if not isinstance(schema, dict) or not (strict is None or isinstance(strict, bool)):
+        raise BadRequest("response_format.json_schema: 'schema' must be an object and 'strict' true or false")
+    return json.dumps(schema)
+
+
+def _params(body: dict, vocab_size: int, max_tokens: int, grammar: tuple[str, str] | None = None) -> SamplingParams:
     d = sglang_sampling({k: body[k] for k in PASS_THROUGH if body.get(k) is not None}, where="")
+    forced = [("response_format", ("json_schema", schema))] if (schema := response_format_schema(body)) else []
+    forced += [("tool_choice", grammar)] if grammar else []
+    for field_name, (kind, text) in forced:     # a grammar the server builds: the client sent none of its own
+        others = [k for k in ("regex", "json_schema", "ebnf") if d.get(k) is not None]
+        if others:
+            raise BadRequest(f"{field_name}: cannot be combined with {others[0]} (one grammar per request)")
+        d[kind] = text
     d["max_new_tokens"] = max_tokens
     if body.get("min_tokens") is not None:
         d["min_new_tokens"] = body["min_tokens"]
@@ -72,7 +102,9 @@ def completion_params(body: dict, vocab_size: int) -> SamplingParams:
     return _params(body, vocab_size, get(body, "max_tokens", int, 16))     # OpenAI's default is 16
 
 
-def chat_params(body: dict, vocab_size: int, prompt_len: int, context_length: int) -> SamplingParams:
+def chat_params(body: dict, vocab_size: int, prompt_len: int, context_length: int,
+                grammar: tuple[str, str] | None = None) -> SamplingParams:
+    """`grammar`: what tool_choice "required" / a named function forces (openai_tools.py)."""
     _refuse_unsupported(body)
     top = get(body, "top_logprobs", int, 0)
     if not (0 <= top <= MAX_TOP_LOGPROBS):
@@ -86,7 +118,7 @@ def chat_params(body: dict, vocab_size: int, prompt_len: int, context_length: in
     if limit is not None and limit > context_length:      # SGLang's words (and its missing space)
         raise BadRequest(f"max_completion_tokens is too large: {limit}."
                          f"This model supports at most {context_length} completion tokens.")
-    return _params(body, vocab_size, limit if limit is not None else max(context_length - prompt_len, 0))
+    return _params(body, vocab_size, limit if limit is not None else max(context_length - prompt_len, 0), grammar)
 
 
 def completion_prompts(body: dict) -> list:

@@ -24,6 +24,18 @@ Stop = Union[str, list[str], None]
 
 
 LogitBias = Field(None, description="token id (a decimal string) -> bias in [-100, 100], at most 1024 entries")
+StopRegex = Field(None, description=f"regular expressions (at most {MAX_STOP_STRINGS} of 1..{MAX_STOP_LEN} chars) "
+                  "searched in the last 200 characters of the output; a match stops the request, untrimmed")
+
+
+class GrammarFields(BaseModel):
+    """Structured output (SGLang's names), at most one per request; compiled by xgrammar, a
+    grammar that does not compile is a 400."""
+    regex: Optional[str] = Field(None, min_length=1, description="the output must match this regular expression")
+    json_schema: Union[str, dict, None] = Field(None, description="a JSON schema (object or its text); the "
+                                                "output is compact JSON valid under it")
+    ebnf: Optional[str] = Field(None, min_length=1, description="a GBNF/EBNF grammar with a `root` rule")
+    stop_regex: Stop = StopRegex
 
 
 class SamplingFields(BaseModel):
@@ -40,7 +52,7 @@ class SamplingFields(BaseModel):
     logit_bias: Optional[dict[str, float]] = LogitBias
 
 
-class SamplingParamsModel(SamplingFields):
+class SamplingParamsModel(SamplingFields, GrammarFields):
     model_config = ConfigDict(extra="forbid", title="SamplingParams")
     max_new_tokens: Optional[int] = Field(None, ge=0)
     min_new_tokens: Optional[int] = Field(None, ge=0)
@@ -72,8 +84,22 @@ class GenerateRequest(BaseModel):
     rid: Union[str, list[str], None] = None
 
 
-class OpenAICommon(SamplingFields):
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(min_length=1)
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+    description: Optional[str] = None
+
+
+class ResponseFormat(BaseModel):
+    """"text": no constraint; "json_object": any JSON object; "json_schema": valid under its schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = Field(None, description='required when type is "json_schema"')
+
+
+class OpenAICommon(SamplingFields, GrammarFields):
     model: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
     max_tokens: Optional[int] = Field(None, ge=0)
     min_tokens: Optional[int] = Field(None, ge=0)
     stop: Stop = None
@@ -102,6 +128,9 @@ class ChatCompletionRequest(OpenAICommon):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     chat_template_kwargs: Optional[dict] = Field(None, description="template variables (e.g. enable_thinking); "
                                                  "never a template")
+    tools: Optional[list[dict]] = Field(None, description="function tools; needs --tool_call_parser")
+    tool_choice: Union[Literal["none", "auto", "required"], dict, None] = Field(
+        None, description='"required" or {"type": "function", "function": {"name"}} force one call by a grammar')
 
 
 class AbortOne(BaseModel):

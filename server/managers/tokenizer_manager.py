@@ -29,6 +29,7 @@ from server.managers.ipc import pull_socket, push_socket
 from server.managers.req_state import GenInput, ReqState, apply_output, native_result
 from server.limits import CHARS_PER_TOKEN, Limits
 from server.validation import BadRequest, GenerateBatch, check_length
+from stage3_scheduler.grammar import GrammarBackend, GrammarError, grammar_spec
 from stage3_scheduler.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class TokenizerManager:
         self.on_stall = lambda: None            # the launcher's hook (--exit_on_scheduler_stall)
         self.metrics = None                     # server.metrics.Metrics with --enable_metrics
         self.chat_template = self._compile_template()
+        self.grammars: GrammarBackend | None = None     # built on the first request with a grammar
 
     def configure(self, server_args) -> None:
         """The operator's limits and watchdog timeout (flags); defaults until this is called."""
@@ -131,6 +133,8 @@ class TokenizerManager:
         """One GenInput per sequence: prompt i's n samples are at [i*n, (i+1)*n)."""
         self.limits.check_batch(batch.prompts, batch.params)        # sizes first: before any tokenizing
         self.check_serving()
+        for params in batch.params:
+            await self.check_grammar(params)
         inputs, arrival = [], time.perf_counter()
         for i, (prompt, params, rid) in enumerate(zip(batch.prompts, batch.params, batch.rids)):
             ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
@@ -148,6 +152,19 @@ class TokenizerManager:
                                        token_ids_logprob=batch.token_ids_logprob[i] if batch.token_ids_logprob else [],
                                        logprob_start_len=start))
         return inputs
+
+    async def check_grammar(self, params: SamplingParams) -> None:
+        """Compile a request's grammar here, on the worker pool, so that a bad one is a 400
+        before the scheduler sees it (the compiled result is cached, here and there)."""
+        if (spec := grammar_spec(params)) is None:
+            return
+        if self.grammars is None:
+            stop_ids = self.info.get("eos_token_ids") or [self.tokenizer.eos_token_id]
+            self.grammars = await self.in_pool(GrammarBackend, self.tokenizer, self.vocab_size, stop_ids)
+        try:
+            await self.in_pool(self.grammars.compile, spec)
+        except GrammarError as e:
+            raise BadRequest(str(e)) from None
 
     def check_serving(self) -> None:
         if self.heartbeat.stalled:

@@ -125,7 +125,9 @@ def test_every_unsupported_openai_field_is_refused(client, name, path):
     ("/v1/completions", {"prompt": "hi", "n": 1, "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "chat"),
     (CHAT, {"messages": USER, "top_logprobs": 2}, "needs logprobs"),
-    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, "not supported yet"),
+    (CHAT, {"messages": USER, "response_format": {"type": "xml"}}, "response_format: must be"),
+    (CHAT, {"messages": USER, "response_format": {"type": "json_object"}, "regex": "a"}, "cannot be combined"),
+    ("/generate", {"text": "hi", "sampling_params": {"structural_tag": "{}"}}, "structural_tag is not supported"),
 ])
 def test_refusals_say_why(client, path, body, says):
     r = client.post(path, json=body)

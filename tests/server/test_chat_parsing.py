@@ -131,8 +131,9 @@ def test_tool_round_trip_renders(app, tokenizer):
 
 
 @pytest.mark.parametrize("body,msg", [
-    ({"tool_choice": "required"}, "constrained decoding"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "constrained decoding"),
+    ({"tool_choice": "always"}, "tool_choice: must be"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "no tool named 'nope'"),
+    ({"tool_choice": "required", "regex": "a"}, "tool_choice: cannot be combined with regex"),
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
     ({"tools": "get_weather"}, "tools: must be a list"),
     ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),

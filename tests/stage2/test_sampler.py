@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from stage2_runner.sampler import SamplingInfo, apply_penalties, sample
+from stage2_runner.sampler import SamplingInfo, apply_grammar_mask, apply_penalties, sample
 
 pytestmark = pytest.mark.stage2
 V = 50
@@ -94,3 +94,20 @@ def test_logit_bias_moves_only_its_rows():
     assert out.tokens[0] == forced and out.tokens[1] == greedy[1] and out.tokens[2] != banned
     assert out.tokens[3] == forced                      # +100 dominates a temperature-1 draw too
     assert SamplingInfo.from_params([{"temperature": 0.0}] * 2, V, "cpu").logit_bias is None   # nobody pays
+
+
+def test_grammar_mask_forbids_only_in_its_rows():
+    """Row 1 may sample only tokens 3 and 40 (bits of words 0 and 1); rows 0, 2, 3 are untouched."""
+    logits = logits_batch()
+    words = torch.zeros(1, (V + 31) // 32, dtype=torch.int32)
+    words[0, 0], words[0, 1] = 1 << 3, 1 << (40 - 32)
+    masked = apply_grammar_mask(logits, torch.tensor([1]), words)
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    assert allowed == [3, 40] and torch.equal(masked[[0, 2, 3]], logits[[0, 2, 3]])
+    assert torch.equal(masked[1, [3, 40]], logits[1, [3, 40]])
+    inf = info(4, temperature=1.0)
+    inf.grammar_mask = (torch.tensor([1]), words)
+    for _ in range(20):                                # sampled, never a forbidden token
+        assert sample(logits, inf).tokens[1].item() in (3, 40)
+    words[0, 0] = -1                                   # bit 31 (the sign bit) counts as a token too
+    assert torch.isfinite(apply_grammar_mask(logits, torch.tensor([1]), words)[1, :32]).all()

@@ -175,3 +175,42 @@ def test_logprob_outputs_equal_with_and_without_overlap(tiny_model_dir, vocab):
         assert [[t for _, t in pos] for pos in idl0] == [[t for _, t in pos] for pos in idl1]
         for a, b in zip(idl0, idl1):
             assert [lp for lp, _ in a] == pytest.approx([lp for lp, _ in b], abs=1e-5)
+
+
+def text_run(eng, prompts, params, abort_at=None):
+    """`run` for text prompts on the demo model (grammars need its real vocabulary)."""
+    return run(eng, [eng.tokenizer.encode(p) for p in prompts], params, abort_at)
+
+
+GRAMMAR_CASES = [dict(regex="(yes |no ){6}"), dict(max_new_tokens=25, ignore_eos=True),
+                 dict(json_schema={"type": "object", "properties": {"ok": {"type": "boolean"}},
+                                   "required": ["ok"], "additionalProperties": False}),
+                 dict(ebnf='root ::= ("red" | "blue") " " ("cat" | "dog")', temperature=1.0, seed=4),
+                 dict(max_new_tokens=30, ignore_eos=True, temperature=0.9, seed=2)]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(max_total_tokens=64, chunked_prefill_size=8, init_new_token_ratio=0.05,
+                                         min_new_token_ratio=0.05)])
+def test_grammar_requests_overlap_equals_synchronous(kw):
+    """Grammar rows force a synchronous step (their mask needs the token in flight); mixed
+    with plain rows, under retraction and chunked prefill, overlap == stage 3 token for token."""
+    prompts = ["Hello there", "Once upon a time " * 4, "Is it", "Colors and pets", "Tell me"]
+    results = []
+    for overlap in (False, True):
+        eng = engine("demo", overlap, **kw)
+        reqs, streamed = text_run(eng, prompts, GRAMMAR_CASES)
+        assert all(streamed[r.rid] == r.output_ids for r in reqs)
+        results.append([(r.output_ids, r.finish_reason) for r in reqs])
+        if kw:
+            assert eng.scheduler.total_retractions > 0
+    assert results[1] == results[0]
+    assert all(reason["type"] == "stop" for i, (_, reason) in enumerate(results[0]) if i in (0, 2, 3))
+
+
+def test_grammar_request_aborted_in_flight():
+    for overlap in (False, True):
+        eng = engine("demo", overlap)
+        reqs, _ = text_run(eng, ["Hello", "Hi"], [dict(regex="(yes |no ){20}"), dict(max_new_tokens=20)],
+                           abort_at=(4, 0))
+        assert reqs[0].finish_reason["type"] == "abort" and reqs[1].finish_reason["type"] == "length"
+        eng.check_integrity()
