@@ -65,7 +65,12 @@ def load_safetensors(model: Qwen3ForCausalLM, model_dir: Path, progress: bool = 
                 if name not in params:
                     raise WeightError(f"{path.name}: unexpected tensor '{name}' (not a Qwen3 parameter)")
                 p = params[name]
-                tensor = f.get_tensor(name).to(p.dtype)
+                # A loader that wants only part of the tensor (a tensor-parallel shard,
+                # stage 5) gets the file's lazy slice and reads just that part.
+                if getattr(p.weight_loader, "reads_slices", False):
+                    tensor = f.get_slice(name)
+                else:
+                    tensor = f.get_tensor(name).to(p.dtype)
                 try:
                     p.weight_loader(p, tensor)
                 except ValueError as e:

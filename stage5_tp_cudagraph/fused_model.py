@@ -78,8 +78,10 @@ class ShardTarget:
     def dtype(self) -> torch.dtype:
         return self.param.dtype
 
-    def weight_loader(self, _target, loaded: torch.Tensor) -> None:
+    def weight_loader(self, _target, loaded) -> None:
         packed_weight_loader(self.param, loaded, self.shard)
+
+    weight_loader.reads_slices = True           # reads only its rows (shard_of) from the file
 
 
 class CheckpointView:

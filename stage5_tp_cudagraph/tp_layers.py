@@ -26,23 +26,31 @@ from stage1_model.config import ModelConfig
 from stage1_model.layers import LayerFactory, default_weight_loader
 
 
-def shard_of(full: torch.Tensor, dim: int, start: int, size: int, whole: int) -> torch.Tensor:
+def shard_of(full, dim: int, start: int, size: int, whole: int) -> torch.Tensor:
     """full[start:start+size] along `dim`, whose length must be `whole`; zero-padded past the
-    end (the last rank's vocabulary block may reach past the vocabulary)."""
-    if full.shape[dim] != whole:
-        raise ValueError(f"shape mismatch: checkpoint {tuple(full.shape)} has {full.shape[dim]} "
+    end (the last rank's vocabulary block may reach past the vocabulary). `full` is a tensor
+    or a safetensors slice (`safe_open(...).get_slice(name)`): then only this part is read
+    from the file, so a rank never holds a whole checkpoint tensor in memory."""
+    shape = list(full.shape) if isinstance(full, torch.Tensor) else list(full.get_shape())
+    if shape[dim] != whole:
+        raise ValueError(f"shape mismatch: checkpoint {tuple(shape)} has {shape[dim]} "
                          f"entries along dim {dim}, the model expects {whole}")
     have = max(0, min(size, whole - start))
-    part = full.narrow(dim, start, have)
+    if isinstance(full, torch.Tensor):
+        part = full.narrow(dim, start, have)
+    else:
+        part = full[(slice(None),) * dim + (slice(start, start + have),)]
     if have == size:
         return part
-    pad = list(full.shape)
-    pad[dim] = size - have
-    return torch.cat([part, full.new_zeros(pad)], dim)
+    shape[dim] = size - have
+    return torch.cat([part, part.new_zeros(shape)], dim)
 
 
-def sharded_weight_loader(param: nn.Parameter, full: torch.Tensor) -> None:
-    default_weight_loader(param, shard_of(full, *param.tp_shard))
+def sharded_weight_loader(param: nn.Parameter, full) -> None:
+    default_weight_loader(param, shard_of(full, *param.tp_shard))     # copy_ converts the dtype
+
+
+sharded_weight_loader.reads_slices = True      # stage 1's loader hands it the lazy file slice
 
 
 def _param(shape, shard) -> nn.Parameter:

@@ -95,3 +95,19 @@ def test_a_rank_that_never_joins_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.startswith("TPJoinError TP rank 0/2: the 2 ranks did not all join at tcp://127.0.0.1:"), out
     assert "within 2 s" in out.stdout
+
+
+@pytest.mark.parametrize("dim,start,size", [(0, 0, 3), (0, 5, 4), (1, 2, 6), (0, 6, 4)])   # last: padded
+def test_shard_of_reads_only_its_part_of_the_file(tmp_path, dim, start, size):
+    """A safetensors slice gives the same shard as the loaded tensor (zero padding past the
+    end included), and stage 1's loader hands TP parameters the slice, not the tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from stage5_tp_cudagraph.tp_layers import sharded_weight_loader
+    full = torch.randn(8, 10, dtype=torch.bfloat16)
+    save_file({"w": full}, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        lazy = f.get_slice("w")
+        got = shard_of(lazy, dim, start, size, full.shape[dim])
+    assert torch.equal(got, shard_of(full, dim, start, size, full.shape[dim]))
+    assert got.shape[dim] == size and getattr(sharded_weight_loader, "reads_slices", False)
