@@ -110,6 +110,19 @@ class AbortRequest(RootModel[Union[AbortOne, AbortAll]]):
     """{"rid": ...} or {"abort_all": true}."""
 
 
+class TokenizeRequest(BaseModel):
+    """/tokenize (and /v1/tokenize): one prompt or a non-empty list of them."""
+    prompt: Union[str, Annotated[list[str], NonEmpty]]
+    add_special_tokens: bool = True
+    model: Optional[str] = None
+
+
+class DetokenizeRequest(BaseModel):
+    """/detokenize (and /v1/detokenize): one list of ids or a non-empty list of lists."""
+    tokens: Union[Ids, Annotated[list[Ids], NonEmpty]]
+    model: Optional[str] = None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -122,7 +135,10 @@ class ErrorResponse(BaseModel):
 
 
 BODIES = {"/generate": GenerateRequest, "/v1/completions": CompletionRequest,
-          "/v1/chat/completions": ChatCompletionRequest, "/abort_request": AbortRequest}
+          "/v1/chat/completions": ChatCompletionRequest, "/abort_request": AbortRequest,
+          # documented, so that a fuzzer reaches the tokenizer instead of the body check
+          **{prefix + route: model for prefix in ("", "/v1")
+             for route, model in (("/tokenize", TokenizeRequest), ("/detokenize", DetokenizeRequest))}}
 STREAMING = {"/generate", "/v1/completions", "/v1/chat/completions"}
 PLAIN = {"/flush_cache": {"text/plain": {"schema": {"type": "string"}}}, "/health": {}, "/health_generate": {}}
 # OpenAPI before 3.2 has an event stream's `schema` describe one event (as parsed: data, event,
