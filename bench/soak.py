@@ -193,14 +193,15 @@ async def soak(url: str, seconds: float, clients: int) -> tuple[collections.Coun
     return outcomes, latencies, slowest
 
 
-async def warm_up(url: str, seconds: float) -> None:
+async def warm_up(url: str, seconds: float) -> collections.Counter:
     """Every kind of request once, then a short random mix: whatever the server builds lazily
-    (imports, compiled templates, allocator pools) exists before RSS is first measured."""
-    rng = random.Random(0)
+    (imports, compiled templates, allocator pools) exists before RSS is first measured. Its
+    outcomes count like the others, so every kind is checked at least once however short the run."""
+    rng, outcomes = random.Random(0), collections.Counter()
     async with httpx.AsyncClient(base_url=url, timeout=120, headers=HEADERS) as c:
         for i, kind in enumerate(KINDS):
-            await run_one(c, rng, i, kind)
-    await soak(url, seconds, 2)
+            outcomes[await run_one(c, rng, -i - 1, kind)] += 1
+    return outcomes + (await soak(url, seconds, 2))[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     proc = None if args.url else start_server(args.port, args.pool, log_path)
     url, pid = args.url or f"http://127.0.0.1:{args.port}", None if args.url else proc.pid
     try:
-        asyncio.run(warm_up(url, min(args.seconds, 3)))
+        warm = asyncio.run(warm_up(url, min(args.seconds, 3)))
         rss_before = server_rss(pid)
         outcomes, lat, slowest = asyncio.run(soak(url, args.seconds, args.clients))
+        outcomes += warm
         state = settle(url)
         rss_after = server_rss(pid)
     finally:
