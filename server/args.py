@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="close connections whose request headers take longer (seconds)")
     _flag(g, "chat_template", default=None, help="a Jinja chat template file to use instead of the model's")
     _flag(g, "watchdog_timeout", type=float, default=d.watchdog_timeout,
-          help="a scheduler silent this long (seconds) while it has work is declared stalled: 503s")
-    _flag(g, "exit_on_scheduler_stall", action="store_true", help="exit (code 1) when the scheduler stalls")
+          help="a scheduler or detokenizer silent this long (seconds) while it has work is declared stalled: 503s")
+    _flag(g, "exit_on_scheduler_stall", action="store_true", help="exit (code 1) when the scheduler or the detokenizer stalls")
     _flag(g, "enable_metrics", action="store_true",
           help="Prometheus metrics at /metrics (needs prometheus-client: pip install 'mini-sglang[metrics]')")
     return p

@@ -153,9 +153,10 @@ def report_dead(dead: dict[str, int], state: dict) -> None:
         log.info("%s; shutting the server down", what)
 
 
-def stop_on_stall(server, state: dict) -> None:
-    """--exit_on_scheduler_stall: stop with exit code 1, so a supervisor restarts the server."""
-    log.error("the scheduler stalled; shutting the server down (exit code 1)")
+def stop_on_stall(server, state: dict, who: str = "scheduler") -> None:
+    """--exit_on_scheduler_stall: stop with exit code 1, so a supervisor restarts the server.
+    `who` stalled: the scheduler, or the detokenizer (the flag covers both)."""
+    log.error("the %s stalled; shutting the server down (exit code 1)", who)
     state["exit_code"] = 1
     server.should_exit = True
 
@@ -220,7 +221,7 @@ def serve_http(args: ServerArgs, tm, children: Children, state: dict) -> None:
                             http=protocol, timeout_keep_alive=5)
     server = HTTPServer(config, tm)
     if args.exit_on_scheduler_stall:
-        tm.on_stall = lambda: stop_on_stall(server, state)
+        tm.on_stall = lambda who: stop_on_stall(server, state, who)
     threading.Thread(target=watchdog, args=(children, server, state), daemon=True, name="watchdog").start()
     server.run()
 

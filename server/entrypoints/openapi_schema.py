@@ -145,6 +145,19 @@ class AbortRequest(RootModel[Union[AbortOne, AbortAll]]):
     """{"rid": ...} or {"abort_all": true}."""
 
 
+class TokenizeRequest(BaseModel):
+    """/tokenize (and /v1/tokenize): one prompt or a non-empty list of them."""
+    prompt: Union[str, Annotated[list[str], NonEmpty]]
+    add_special_tokens: bool = True
+    model: Optional[str] = None
+
+
+class DetokenizeRequest(BaseModel):
+    """/detokenize (and /v1/detokenize): one list of ids or a non-empty list of lists."""
+    tokens: Union[Ids, Annotated[list[Ids], NonEmpty]]
+    model: Optional[str] = None
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -157,11 +170,19 @@ class ErrorResponse(BaseModel):
 
 
 BODIES = {"/generate": GenerateRequest, "/v1/completions": CompletionRequest,
-          "/v1/chat/completions": ChatCompletionRequest, "/abort_request": AbortRequest}
+          "/v1/chat/completions": ChatCompletionRequest, "/abort_request": AbortRequest,
+          # documented, so that a fuzzer reaches the tokenizer instead of the body check
+          **{prefix + route: model for prefix in ("", "/v1")
+             for route, model in (("/tokenize", TokenizeRequest), ("/detokenize", DetokenizeRequest))}}
 STREAMING = {"/generate", "/v1/completions", "/v1/chat/completions"}
 PLAIN = {"/flush_cache": {"text/plain": {"schema": {"type": "string"}}}, "/health": {}, "/health_generate": {}}
+# OpenAPI before 3.2 has an event stream's `schema` describe one event (as parsed: data, event,
+# id, retry), not the stream as a string; every event here is `data: {json}` or `data: [DONE]`.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string", "pattern": r"^(\[DONE\]|\{.*\})$",
+                                     "description": "one JSON chunk (or {\"error\": ...}), then [DONE]"}}}
 ERRORS = {"400": "bad input or Host header", "403": "cross-site browser request", "413": "over a size limit",
-          "415": "body not JSON", "503": "scheduler stalled or shutting down"}
+          "415": "body not JSON", "503": "scheduler or detokenizer stalled, or shutting down"}
 
 
 def _error(description: str) -> dict:
@@ -179,7 +200,7 @@ def _document(path: str, method: str, op: dict, api_key: bool) -> None:
         schema = {"$ref": f"#/components/schemas/{BODIES[path].__name__}"} if path in BODIES else {"type": "object"}
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     if path in STREAMING:
-        op["responses"]["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        op["responses"]["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
     if path in PLAIN:                   # a text answer, or none at all (health checks)
         op["responses"]["200"]["content"] = PLAIN[path]
     if "{" in path:

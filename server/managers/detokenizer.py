@@ -1,7 +1,7 @@
 """Incremental, UTF-8-safe detokenization: token ids in, new text out, per request.
 
     Detokenizer(tokenizer).feed(TokenOut) -> StrOut      (pure; unit-tested without processes)
-    run_detokenizer_process(...)                          (the process around it)
+    run_detokenizer_process(...)                          (the process around it; echoes Pings)
 
 Why not decode each new token alone? A byte-level BPE token can hold half of a UTF-8
 character (an emoji is often 3 tokens), and decoding a lone token also loses the spaces
@@ -95,7 +95,9 @@ class Detokenizer:
 
 
 def serve(detok: Detokenizer, inbox, outbox, parent_pid: int) -> None:
-    """BatchTokenOut in, BatchStrOut out, one for one, until the launcher is gone."""
+    """BatchTokenOut in, BatchStrOut out, one for one, until the launcher is gone. A Ping (the
+    main process's liveness probe, see heartbeat.py) goes back as it came; ZMQ reads the
+    scheduler's and the main process's connections in turn, so it waits one batch at most."""
     while True:
         if not inbox.poll(1000):
             if not parent_alive(parent_pid):
@@ -103,11 +105,14 @@ def serve(detok: Detokenizer, inbox, outbox, parent_pid: int) -> None:
             continue
         raw = inbox.recv()
         try:
-            batch = io.detokenizer_decoder.decode(raw)
+            msg = io.detokenizer_decoder.decode(raw)
         except msgspec.DecodeError as e:         # not one of ours: drop it, keep serving
             log.error("dropped an undecodable message (%d bytes): %s", len(raw), e)
             continue
-        outbox.send(io.encode(io.BatchStrOut([detok.feed(o) for o in batch.outs])))
+        if isinstance(msg, io.Ping):
+            outbox.send(raw)
+            continue
+        outbox.send(io.encode(io.BatchStrOut([detok.feed(o) for o in msg.outs])))
 
 
 def run_detokenizer_process(server_args, model_path: str, endpoints, ready_conn, parent_pid: int) -> None:

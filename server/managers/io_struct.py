@@ -4,6 +4,7 @@
     scheduler        --BatchTokenOut-------------------------------> detokenizer
     detokenizer      --BatchStrOut---------------------------------> TokenizerManager
     scheduler        --FlushCacheOut/StatsOut----------------------> TokenizerManager
+    TokenizerManager --Ping--> detokenizer --the same Ping-----------> TokenizerManager (liveness)
     child process    --Ready (over its start-up pipe)--------------> launcher
 
 Decoding is typed: each receiver's decoder accepts only the union of structs it expects,
@@ -47,6 +48,11 @@ class FlushCacheOut(msgspec.Struct, tag=True):
 class StatsOut(msgspec.Struct, tag=True):
     query_id: str
     stats: dict[str, Any]
+
+
+class Ping(msgspec.Struct, tag=True):
+    """A liveness probe the detokenizer echoes: its return proves the detokenizer still works."""
+    query_id: str
 
 
 class DetokParams(msgspec.Struct):
@@ -107,10 +113,11 @@ class Ready(msgspec.Struct, tag=True):
 
 
 ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, StatsReq]
-ToTokenizer = Union[BatchStrOut, FlushCacheOut, StatsOut]
+ToTokenizer = Union[BatchStrOut, FlushCacheOut, StatsOut, Ping]
+ToDetokenizer = Union[BatchTokenOut, Ping]
 
 encode = msgspec.msgpack.Encoder().encode
 scheduler_decoder = msgspec.msgpack.Decoder(ToScheduler)
-detokenizer_decoder = msgspec.msgpack.Decoder(BatchTokenOut)
+detokenizer_decoder = msgspec.msgpack.Decoder(ToDetokenizer)
 tokenizer_decoder = msgspec.msgpack.Decoder(ToTokenizer)
 ready_decoder = msgspec.msgpack.Decoder(Ready)

@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from server.managers import io_struct as io
 from server.chat_template import ChatTemplate
-from server.managers.heartbeat import Heartbeat
+from server.managers.heartbeat import Liveness
 from server.managers.ipc import pull_socket, push_socket
 from server.managers.req_state import GenInput, ReqState, apply_output, native_result
 from server.limits import CHARS_PER_TOKEN, Limits
@@ -64,6 +64,7 @@ class TokenizerManager:
         self.pool_size = info["max_total_tokens"]
         self.ctx = zmq.asyncio.Context()          # asyncio sockets: recv() awaits, never blocks
         self.to_scheduler = push_socket(self.ctx, endpoints.scheduler)
+        self.to_detokenizer = push_socket(self.ctx, endpoints.detokenizer)     # liveness pings only
         self.inbox = pull_socket(self.ctx, endpoints.tokenizer)
         self.states: dict[str, ReqState] = {}
         self.by_client: dict[str, set[str]] = {}      # client rid -> internal rids in flight
@@ -71,8 +72,8 @@ class TokenizerManager:
         self.loop_task: asyncio.Task | None = None
         self.limits = Limits(max_prompt_chars=self.context_length * CHARS_PER_TOKEN)
         self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
-        self.heartbeat = Heartbeat(300.0, probe=self._probe, on_stall=self._on_stall)
-        self.on_stall = lambda: None            # the launcher's hook (--exit_on_scheduler_stall)
+        self.heartbeat = Liveness(300.0, self._probe, self._probe_detokenizer, self._on_stall)
+        self.on_stall = lambda who: None        # the launcher's hook (--exit_on_scheduler_stall)
         self.metrics = None                     # server.metrics.Metrics with --enable_metrics
         self.chat_template = self._compile_template()
         self.grammars: GrammarBackend | None = None     # built on the first request with a grammar
@@ -95,14 +96,17 @@ class TokenizerManager:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.loop_task = loop.create_task(self._receive_loop())
-        self.heartbeat_task = loop.create_task(self.heartbeat.run(lambda: bool(self.states or self.queries)))
+        # Requests wait on both children; control queries on the scheduler only.
+        self.heartbeat_task = loop.create_task(self.heartbeat.run(lambda: bool(self.states or self.queries),
+                                                                  lambda: bool(self.states)))
 
     async def _receive_loop(self) -> None:
         while True:
             raw = await self.inbox.recv()
-            self.heartbeat.beat()                    # anything from the scheduler side: it steps
             try:
-                self._dispatch(io.tokenizer_decoder.decode(raw))
+                msg = io.tokenizer_decoder.decode(raw)
+                self.heartbeat.saw(msg)              # its sender (scheduler, detokenizer or both) works
+                self._dispatch(msg)
             except Exception:  # noqa: BLE001 - one bad message must not stall every request
                 log.exception("dropped an undecodable message (%d bytes)", len(raw))
 
@@ -167,8 +171,8 @@ class TokenizerManager:
             raise BadRequest(str(e)) from None
 
     def check_serving(self) -> None:
-        if self.heartbeat.stalled:
-            raise RequestFailed("the scheduler is not responding (stalled); try again later", 503)
+        if who := self.heartbeat.stalled:
+            raise RequestFailed(f"the {who} is not responding (stalled); try again later", 503)
 
     async def generate(self, inp: GenInput):
         if inp.rid in self.states:                  # internal rids are fresh; a caller reusing one is a bug
@@ -237,30 +241,40 @@ class TokenizerManager:
         self.to_scheduler.send(io.encode(msg))     # never blocks: unbounded queue
 
     # ---- control queries ---------------------------------------------------------------
-    async def _query(self, msg, timeout: float = CONTROL_TIMEOUT_S):
+    async def _query(self, msg, timeout: float = CONTROL_TIMEOUT_S, who: str = "scheduler"):
         self.check_serving()
         fut = self.queries[msg.query_id] = asyncio.get_running_loop().create_future()
-        self._send(msg)
+        if who == "detokenizer":
+            self.to_detokenizer.send(io.encode(msg))
+        else:
+            self._send(msg)
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            raise RequestFailed(f"the scheduler did not answer within {timeout:.0f} s", 503) from None
+            raise RequestFailed(f"the {who} did not answer within {timeout:.0f} s", 503) from None
         finally:
             self.queries.pop(msg.query_id, None)
 
     async def check_health(self) -> None:
-        """Raises RequestFailed (503) unless the scheduler answers a probe, i.e. still steps."""
-        await self._query(io.StatsReq(uuid.uuid4().hex), min(HEALTH_TIMEOUT_S, self.heartbeat.timeout))
+        """Raises RequestFailed (503) unless the scheduler answers a probe (it still steps) and
+        the detokenizer echoes a ping (it still decodes)."""
+        timeout = min(HEALTH_TIMEOUT_S, self.heartbeat.timeout)
+        await self._query(io.StatsReq(uuid.uuid4().hex), timeout)
+        await self._query(io.Ping(uuid.uuid4().hex), timeout, who="detokenizer")
 
     def _probe(self) -> None:
         self._send(io.StatsReq(f"probe-{uuid.uuid4().hex}"))     # the reply is dropped; its arrival counts
 
-    def _on_stall(self) -> None:
-        self.fail_all("the scheduler stopped stepping (stalled); the request was ended", abort=True)
+    def _probe_detokenizer(self) -> None:
+        self.to_detokenizer.send(io.encode(io.Ping(f"probe-{uuid.uuid4().hex}")))
+
+    def _on_stall(self, who: str) -> None:
+        # Aborting frees the requests' slots in the scheduler even when only the detokenizer stalled.
+        self.fail_all(f"the {who} stopped working (stalled); the request was ended", abort=True)
         for fut in self.queries.values():
             if not fut.done():
-                fut.set_exception(RequestFailed("the scheduler is not responding (stalled)", 503))
-        self.on_stall()
+                fut.set_exception(RequestFailed(f"the {who} is not responding (stalled)", 503))
+        self.on_stall(who)
 
     async def flush_cache(self) -> bool:
         return (await self._query(io.FlushCacheReq(uuid.uuid4().hex))).success

@@ -1,5 +1,6 @@
-"""A server of its own with short timeouts: a frozen scheduler is noticed, slow clients are
-cut off, the API key comes from the environment, metrics are served, chunked bodies are bounded.
+"""A server of its own with short timeouts: a frozen scheduler or detokenizer is noticed, slow
+clients are cut off, the API key comes from the environment, metrics are served, chunked bodies
+are bounded.
 
     --watchdog_timeout 1.5 --header_timeout 1 --enable_metrics --max_request_bytes 1000000
     MINI_SGLANG_API_KEY=env-secret
@@ -39,6 +40,10 @@ def child_pid(parent: int, comm: str) -> int:
                 (d / "comm").read_text().strip() == comm:
             return int(d.name)
     raise AssertionError(f"no child {comm} of {parent}")
+
+
+# Process names as ps shows them (/proc/PID/comm keeps 15 characters).
+SCHEDULER, DETOKENIZER = "mini::scheduler", "mini::detokeniz"
 
 
 @pytest.fixture(scope="module")
@@ -106,45 +111,87 @@ def test_metrics(c):
     assert 'sglang:num_running_reqs{' in text and "sglang:token_usage{" in text and "sglang:num_retracted_reqs{" in text
 
 
-def test_frozen_scheduler_is_noticed_and_recovers(guarded, c):
-    """SIGSTOP the scheduler: the request in flight ends with 503, /health and new requests get
-    503, /get_server_info 503 (not 500); SIGCONT: serving again, nothing leaked."""
-    sched = child_pid(guarded.proc.pid, "mini::scheduler")
+@pytest.mark.parametrize("comm, who", [(SCHEDULER, "SCHEDULER"), (DETOKENIZER, "DETOKENIZER")])
+def test_frozen_child_is_noticed_and_recovers(guarded, c, comm, who):
+    """SIGSTOP the scheduler or the detokenizer: the request in flight ends with 503, /health and
+    new requests get 503, /get_server_info 503 (not 500); SIGCONT: serving again, nothing leaked.
+    (A frozen detokenizer still lets the scheduler answer probes: its own heartbeat notices.)"""
+    pid = child_pid(guarded.proc.pid, comm)
     result = {}
     body = {"text": "x", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
     t = threading.Thread(target=lambda: result.update(r=c.post("/generate", json=body)))
     t.start()
     time.sleep(0.5)
-    os.kill(sched, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
     try:
         t.join(10)
         assert not t.is_alive() and result["r"].status_code == 503, result
+        assert who.lower() in result["r"].json()["error"]["message"]
         assert c.get("/health").status_code == 503
         assert c.post("/generate", json={"text": "hi"}).status_code == 503
         assert c.get("/get_server_info").status_code == 503
-        assert "SCHEDULER STALLED" in guarded.log()
+        assert f"{who} STALLED" in guarded.log()
     finally:
-        os.kill(sched, signal.SIGCONT)
-    deadline = time.monotonic() + 10          # the next probe's answer clears the stall
-    while c.get("/health").status_code != 200:
-        assert time.monotonic() < deadline, "never recovered"
-        time.sleep(0.1)
+        os.kill(pid, signal.SIGCONT)
+    wait_healthy(c)                           # the next probe's answer clears the stall
     assert c.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
     assert_no_leak(wait_idle(c))
 
 
-def test_exit_on_stall(tmp_path):
-    """--exit_on_scheduler_stall: a frozen scheduler ends the server with exit code 1, no orphans."""
+def test_frozen_detokenizer_fails_health_while_idle(guarded, c):
+    """With nothing in flight no heartbeat runs, so /health pings the detokenizer itself."""
+    wait_healthy(c)
+    pid = child_pid(guarded.proc.pid, DETOKENIZER)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = c.get("/health")
+        assert r.status_code == 503 and "detokenizer did not answer" in r.json()["error"]["message"]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_healthy(c)
+
+
+def wait_healthy(c, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while c.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "never recovered"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("comm, who", [(SCHEDULER, "scheduler"), (DETOKENIZER, "detokenizer")])
+def test_exit_on_stall(tmp_path, comm, who):
+    """--exit_on_scheduler_stall: a frozen scheduler or detokenizer ends the server with exit
+    code 1, no orphans."""
     handle = start_server(tmp_path, "--watchdog_timeout", "1", "--exit_on_scheduler_stall")
-    sched = child_pid(handle.proc.pid, "mini::scheduler")
-    os.kill(sched, signal.SIGSTOP)
+    pid = child_pid(handle.proc.pid, comm)
+    os.kill(pid, signal.SIGSTOP)
     try:
         r = httpx.post(handle.url + "/generate", json={"text": "x"}, timeout=20)
         assert r.status_code == 503                 # the request is failed, then the server goes away
         assert handle.proc.wait(20) == 1
-        assert "the scheduler stalled; shutting the server down" in handle.log()
-        assert not Path(f"/proc/{sched}").exists() or "zombie" in Path(f"/proc/{sched}/status").read_text()
+        assert f"the {who} stalled; shutting the server down" in handle.log()
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     finally:
-        if Path(f"/proc/{sched}").exists():
-            os.kill(sched, signal.SIGCONT)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+        handle.stop()
+
+
+def test_dead_detokenizer_ends_requests_and_exits(tmp_path):
+    """A killed detokenizer is the launcher watchdog's case, as a dead scheduler is: the request
+    in flight ends with 503, the server exits with code 1 and says which child died."""
+    handle = start_server(tmp_path)
+    try:
+        result = {}
+        body = {"text": "x", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(handle.url + "/generate", json=body,
+                                                                        timeout=30)))
+        t.start()
+        time.sleep(0.5)
+        os.kill(child_pid(handle.proc.pid, DETOKENIZER), signal.SIGKILL)
+        assert handle.proc.wait(30) == 1
+        t.join(10)
+        assert not t.is_alive() and result["r"].status_code == 503, result
+        assert "the detokenizer process died (exit code -9)" in handle.log()
+    finally:
         handle.stop()
