@@ -2,6 +2,7 @@
 
     python -m bench.soak --seconds 60 --clients 16                  # starts a demo server (CPU, tiny pool)
     python -m bench.soak --url http://127.0.0.1:30000 --seconds 600  # or soaks a running one
+        [--server_pid PID]                                          # ... and watches its RSS
 
 Each client loops over a random mix: native and OpenAI (completions, chat), stream and not,
 n > 1, clients that disconnect mid-stream, aborts by rid, and bad requests that must get 400.
@@ -211,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--pool", type=int, default=1024, help="KV slots of the started server (small: retractions)")
     ap.add_argument("--port", type=int, default=30123)
+    ap.add_argument("--server_pid", type=int, default=None,
+                    help="with --url: the server's launcher pid, so its RSS is watched too (same machine)")
     ap.add_argument("--max_rss_growth_mb", type=float, default=32,
                     help="of the main process, over the run (noise after the warm-up is under 1 MB)")
     args = ap.parse_args(argv)
     log_path = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
     proc = None if args.url else start_server(args.port, args.pool, log_path)
-    url, pid = args.url or f"http://127.0.0.1:{args.port}", None if args.url else proc.pid
+    url, pid = args.url or f"http://127.0.0.1:{args.port}", args.server_pid if args.url else proc.pid
     try:
         warm = asyncio.run(warm_up(url, min(args.seconds, 3)))
         rss_before = server_rss(pid)
