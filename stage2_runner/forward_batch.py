@@ -66,10 +66,18 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
 def make_batch(rows: list[int], prefix_lens: list[int], new_tokens: list[list[int]],
                out_cache_loc: torch.Tensor, device) -> ForwardBatch:
     """Build an extend (or, if every request adds one token, decode) batch. All integer
-    fields travel to the device in ONE non-blocking copy, then are split into views."""
+    fields travel to the device in ONE non-blocking copy, then are split into views.
+
+    Every view starts 16-byte aligned: Triton compiles a kernel separately for aligned and
+    unaligned pointer arguments, so views at offsets that depend on T and B would compile
+    new kernel variants in the middle of serving (a ~1 s stall for whoever is waiting)."""
     ext = [len(t) for t in new_tokens]
     seq = [p + k for p, k in zip(prefix_lens, ext)]
     starts = [0]
@@ -77,14 +85,19 @@ def make_batch(rows: list[int], prefix_lens: list[int], new_tokens: list[list[in
         starts.append(starts[-1] + k)
     positions = [pos for p, k in zip(prefix_lens, ext) for pos in range(p, p + k)]
     T, B = len(positions), len(rows)
-    host = torch.cat([torch.tensor([t for ts in new_tokens for t in ts] + positions, dtype=torch.int64),
-                      out_cache_loc.to("cpu", torch.int64),
-                      torch.tensor(rows + seq + list(prefix_lens) + ext + starts, dtype=torch.int64)])
+    Tp, Bp = _round_up(T, 2), _round_up(B, 4)        # int64 segments of Tp, int64/int32 rows of Bp
+    host = torch.zeros(3 * Tp + 5 * Bp, dtype=torch.int64)
+    for i, field in enumerate(([t for ts in new_tokens for t in ts], positions)):
+        host[i * Tp: i * Tp + T] = torch.tensor(field, dtype=torch.int64)
+    host[2 * Tp: 2 * Tp + T] = out_cache_loc.to("cpu", torch.int64)
+    host[3 * Tp:].view(5, Bp)[:, :B] = torch.tensor([rows, seq, list(prefix_lens), ext, starts], dtype=torch.int64)
     dev = to_device(host, device)
-    ids, pos, loc, rest = dev[:T], dev[T:2 * T], dev[2 * T:3 * T], dev[3 * T:].view(5, B)
-    rest32 = rest[1:].to(torch.int32)                 # seq, prefix, extend, start: [4, B] int32
+    ids, pos, loc = dev[:T], dev[Tp:Tp + T], dev[2 * Tp:2 * Tp + T]
+    rest = dev[3 * Tp:].view(5, Bp)
+    rest32 = rest[1:].to(torch.int32)                 # seq, prefix, extend, start: [4, Bp] int32
     return ForwardBatch(
         mode="decode" if all(k == 1 for k in ext) else "extend",
-        input_ids=ids, positions=pos, out_cache_loc=loc, req_pool_indices=rest[0],
-        seq_lens=rest32[0], prefix_lens=rest32[1], extend_lens=rest32[2], extend_start_loc=rest32[3],
+        input_ids=ids, positions=pos, out_cache_loc=loc, req_pool_indices=rest[0, :B],
+        seq_lens=rest32[0, :B], prefix_lens=rest32[1, :B], extend_lens=rest32[2, :B],
+        extend_start_loc=rest32[3, :B],
         seq_lens_cpu=seq, prefix_lens_cpu=list(prefix_lens), extend_lens_cpu=ext)

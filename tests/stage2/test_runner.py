@@ -85,3 +85,22 @@ def test_out_of_slots_is_typed():
     alloc.alloc(20)
     with pytest.raises(OutOfSlots):
         alloc.alloc(1)
+
+
+def test_make_batch_views_are_16_byte_aligned():
+    """Triton compiles one kernel variant per pointer alignment: every field must start
+    16-byte aligned whatever T and B are, or a new prompt length could stall serving."""
+    from stage2_runner.forward_batch import make_batch
+    for B in range(1, 7):
+        for extra in range(3):
+            toks = [[5] * (1 + (i + extra) % 3) for i in range(B)]
+            T = sum(map(len, toks))
+            fb = make_batch(list(range(B)), list(range(B)), toks, torch.arange(T), "cpu")
+            for name in ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens",
+                         "prefix_lens", "extend_lens", "extend_start_loc"):
+                assert getattr(fb, name).data_ptr() % 16 == 0, (B, T, name)
+            assert fb.req_pool_indices.tolist() == list(range(B))
+            assert fb.extend_lens.tolist() == [len(t) for t in toks]
+            assert fb.seq_lens.tolist() == [i + len(t) for i, t in enumerate(toks)]
+            assert fb.positions.tolist() == [p for i, t in enumerate(toks) for p in range(i, i + len(t))]
+            assert fb.out_cache_loc.tolist() == list(range(T))
