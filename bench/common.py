@@ -16,6 +16,15 @@ def parser(doc: str | None):
     return ap, add
 
 
+def save_figure(fig, out: str) -> None:
+    """Lay out and write a matplotlib figure (creating its folder); say where it went."""
+    from pathlib import Path
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def add_engine_flags(add) -> None:
     add("--model", default="demo", help="'demo', a local HF Qwen3 directory, or configs/<name>")
     add("--load_format", default="auto", choices=["auto", "dummy"])

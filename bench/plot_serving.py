@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import parser
+from bench.common import parser, save_figure
 
 PERCENTILES = (50, 90, 99)
 MARKED = (50, 99)              # drawn on the curves; the table has all of PERCENTILES
@@ -127,10 +127,7 @@ def main(argv=None) -> None:
     ax_ttft.set_title("TTFT (o median, ^ p99)", fontsize=10)
     ax_itl.set_title("ITL (o median, ^ p99)", fontsize=10)
     fig.suptitle(title_of(runs), fontsize=11)
-    fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out)
 
 
 if __name__ == "__main__":

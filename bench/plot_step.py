@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import parser
+from bench.common import parser, save_figure
 
 GROUPS = ("gemm", "attention", "elementwise", "communication", "other")
 LABELS = {"gemm": "GEMMs (weights, LM head)", "attention": "attention + KV store",
@@ -126,10 +126,7 @@ def main(argv=None) -> None:
     ax.set_ylim(0, max(bottom + list(limits.values())) * 1.15)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out)
 
 
 if __name__ == "__main__":
