@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from stage1_model.config import ModelConfig, load_config
@@ -73,7 +73,7 @@ def load_safetensors(model: Qwen3ForCausalLM, model_dir: Path, progress: bool = 
                     tensor = f.get_tensor(name).to(p.dtype)
                 try:
                     p.weight_loader(p, tensor)
-                except ValueError as e:
+                except (ValueError, SafetensorError) as e:      # a bad shape, or a bad file slice
                     raise WeightError(f"{path.name}: tensor '{name}': {e}") from e
                 loaded.add(name)
     expected = {n for n in params if not (tied and n == "lm_head.weight")}

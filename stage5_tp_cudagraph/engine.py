@@ -71,7 +71,8 @@ class Engine(Stage4Engine):
         else:                                    # CPU ranks of one node share its cores
             torch.set_num_threads(max(1, torch.get_num_threads() // per_node))
         self.tp = init_tp(rank, s5.tp, s5.dist_init_addr, device, s5.dist_timeout,
-                          custom_all_reduce=not s5.disable_custom_all_reduce)
+                          # peer-mapped memory does not span machines: one node only
+                          custom_all_reduce=not s5.disable_custom_all_reduce and s5.nnodes == 1)
         return options
 
     def make_runner(self, rargs):

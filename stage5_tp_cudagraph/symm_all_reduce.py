@@ -1,15 +1,16 @@
 """A low-latency all-reduce for small tensors, over peer-to-peer GPU memory.
 
-    ar = SymmAllReduce.try_create(group, device)      # None on CPU, or where torch lacks it
-    y = ar(x) if ar and ar.fits(x) else nccl_all_reduce(x)
+    ar = SymmAllReduce.try_create(group, device, all_ok)   # None on CPU, where torch lacks it,
+    y = ar(x) if ar and ar.fits(x) else nccl_all_reduce(x)  # or where any rank failed to set up
 
-Why: at batch 1 a Qwen3-8B decode step at TP=2 does 73 all-reduces of 8 KB each. NCCL's
-ring is built for bandwidth; for 8 KB its fixed cost (~10-15 us inside a CUDA graph)
-dominates, and 73 of them cost more than a millisecond: a third of the step. A "one-shot"
-all-reduce is simpler: every rank copies its input into a buffer that all ranks can read
-(symmetric memory, mapped into every GPU's address space over NVLink), waits at a barrier,
-then reads the N buffers and sums them itself. One kernel, one barrier, no ring steps;
-every rank adds the same values in the same rank order, so all ranks get bit-equal sums.
+Why: at batch 1 a Qwen3-8B decode step at TP=2 does 73 all-reduces of 8 KB each, and on
+two H200s they add ~0.6 ms (~8.5 us each inside a CUDA graph) to a 3.7 ms step. NCCL's ring
+is built for bandwidth; a "one-shot" all-reduce is simpler: every rank copies its input
+into a buffer that all ranks can read (symmetric memory, mapped into every GPU's address
+space over NVLink), waits at a barrier, then reads the N buffers and sums them itself. One
+kernel, one barrier, no ring steps; every rank adds the same values in the same rank
+order, so all ranks get bit-equal sums. Measured, it saves little (0.025 ms per step on
+two H200s, docs/benchmarks.md): most of the cost is the cross-GPU round trip itself.
 
 It is only good while the payload is small (each rank reads N buffers), so larger tensors
 (prefill, big batches) still go to NCCL. We use PyTorch's symmetric-memory ops (no
@@ -31,29 +32,38 @@ class SymmAllReduce:
         self.buffer, self.group_name = buffer, group_name      # [MAX_BYTES] uint8, symmetric
 
     @classmethod
-    def try_create(cls, group, device: torch.device) -> SymmAllReduce | None:
+    def try_create(cls, group, device: torch.device, all_ok) -> SymmAllReduce | None:
+        """`all_ok(flag) -> bool`: True only if every rank passed True (a collective on the
+        control group). Every rank must take the same path, or the first all-reduce hangs:
+        so the ranks agree before the collective rendezvous and again after the probe."""
         if device.type != "cuda" or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
-            return None
+            return None                                  # the same on every rank (same torch, device type)
+        buffer, name, error = None, group.group_name, None
         try:
             from torch.distributed import _symmetric_memory as symm
-            name = group.group_name
             if hasattr(symm, "enable_symm_mem_for_group"):      # needed by older torch, harmless after
                 symm.enable_symm_mem_for_group(name)
             buffer = symm.empty(MAX_BYTES, dtype=torch.uint8, device=device)
-            symm.rendezvous(buffer, name)                       # collective: every rank maps every buffer
-            ar = cls(buffer, name)
-            probe = torch.ones(4, dtype=torch.float32, device=device)
-            got, want = ar(probe), float(group.size())
-            if not torch.all(got == want):
-                raise RuntimeError(f"probe sum {got.tolist()} != {want}")
-            return ar
         except Exception as e:  # noqa: BLE001 - any failure: NCCL only, and say so
-            log.warning("one-shot all-reduce unavailable, using NCCL for all sizes: %s", e)
-            return None
+            error = e
+        if all_ok(error is None):
+            try:
+                symm.rendezvous(buffer, name)                   # collective: every rank maps every buffer
+                probe = cls(buffer, name)(torch.ones(4, dtype=torch.float32, device=device))
+                if not torch.all(probe == float(group.size())):
+                    raise RuntimeError(f"probe sum {probe.tolist()} != {group.size()}")
+            except Exception as e:  # noqa: BLE001
+                error = e
+            if all_ok(error is None):
+                return cls(buffer, name)
+        log.warning("one-shot all-reduce unavailable on some rank, using NCCL for all sizes%s",
+                    f": {error}" if error else "")
+        return None
 
     def fits(self, x: torch.Tensor) -> bool:
-        return x.numel() * x.element_size() <= MAX_BYTES and x.dtype in (torch.bfloat16, torch.float16,
-                                                                         torch.float32)
+        # torch's one-shot kernel takes bf16 and fp32 (not fp16), in whole 4-byte words.
+        nbytes = x.numel() * x.element_size()
+        return nbytes <= MAX_BYTES and nbytes % 4 == 0 and x.dtype in (torch.bfloat16, torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over ranks, as a new tensor of x's shape (x is left as it was)."""

@@ -54,6 +54,9 @@ class CommandBroadcaster:
         return getattr(self.sched, name)
 
     def add_request(self, req: Req) -> None:
+        if req.params.stop_regex:   # each rank checks stops itself; a regex timeout could differ
+            raise ValueError("stop_regex is not supported with tensor parallelism yet "
+                             "(its search is time-bounded on each rank)")
         self.sched.add_request(req)
         self.pending.append(["add", req.rid, list(req.input_ids), asdict(req.params), req.return_logprob,
                              req.top_logprobs_num, list(req.token_ids_logprob), req.logprob_start_len])

@@ -55,7 +55,7 @@ def _without_stage5(options: dict) -> dict:
     if options.get("tp", 1) > 1:
         raise ValueError(f"--tp {options['tp']} needs stage 5 (stage5_tp_cudagraph), which is not installed")
     stage5 = ("tp", "disable_cuda_graph", "disable_overlap", "cuda_graph_max_bs", "nnodes", "node_rank",
-              "dist_init_addr", "dist_timeout")
+              "dist_init_addr", "dist_timeout", "disable_custom_all_reduce")
     return {k: v for k, v in options.items() if k not in stage5}
 
 
@@ -176,7 +176,7 @@ def run_scheduler_process(server_args, endpoints, ready_conn, parent_pid: int) -
         runner = engine.runner
         info = dict(model_path=str(runner.model_path), context_length=runner.context_length,
                     vocab_size=runner.config.vocab_size, max_total_tokens=runner.pool.size,
-                    eos_token_ids=list(runner.eos_token_ids), device=str(runner.device))
+                    eos_token_ids=list(runner.eos_token_ids), device=str(runner.device), tp=server_args.tp)
     except Exception as e:  # noqa: BLE001 - any start-up failure is reported, then we exit
         log.exception("scheduler failed to start")
         ready_conn.send_bytes(io.encode(io.Ready("scheduler", error=f"{type(e).__name__}: {e}")))

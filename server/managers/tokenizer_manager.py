@@ -37,6 +37,9 @@ BIG_INPUT_CHARS = 4096          # longer texts are tokenized in a worker thread
 TOKENIZER_THREADS = 4           # a bounded pool: big prompts queue here, not on the event loop
 CONTROL_TIMEOUT_S = 30.0
 NO_TOKENIZER = "the server runs with --skip_tokenizer_init and has no tokenizer"
+# Each TP rank checks stops itself; a time-bounded regex search could end a request on one
+# rank and not on another, and the ranks' batches would then differ.
+TP_STOP_REGEX = "stop_regex is not supported with --tp > 1 yet (its search is time-bounded on each rank)"
 HEALTH_TIMEOUT_S = 20.0         # SGLang's: /health fails when the scheduler is silent this long
 
 
@@ -142,8 +145,10 @@ class TokenizerManager:
         inputs, arrival = [], time.perf_counter()
         for i, (prompt, params, rid) in enumerate(zip(batch.prompts, batch.params, batch.rids)):
             ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-            if params.stop and self.tokenizer is None:
-                raise BadRequest(NO_TOKENIZER + "; stop strings need one (stop_token_ids work)")
+            if (params.stop or params.stop_regex) and self.tokenizer is None:
+                raise BadRequest(NO_TOKENIZER + "; stop strings and stop_regex need one (stop_token_ids work)")
+            if params.stop_regex and self.info.get("tp", 1) > 1:
+                raise BadRequest(TP_STOP_REGEX)
             start = batch.logprob_start_len[i] if batch.logprob_start_len else -1
             check_length(len(ids), params, self.context_length, self.pool_size, start)
             for k in range(params.n):
@@ -162,6 +167,8 @@ class TokenizerManager:
         before the scheduler sees it (the compiled result is cached, here and there)."""
         if (spec := grammar_spec(params)) is None:
             return
+        if self.tokenizer is None:
+            raise BadRequest(NO_TOKENIZER + "; regex / json_schema / ebnf grammars need one")
         if self.grammars is None:
             stop_ids = self.info.get("eos_token_ids") or [self.tokenizer.eos_token_id]
             self.grammars = await self.in_pool(GrammarBackend, self.tokenizer, self.vocab_size, stop_ids)

@@ -46,6 +46,8 @@ def test_stop_token_ids_work_and_streams_carry_ids(bare):
 @pytest.mark.parametrize("path,body,says", [
     ("/generate", {"text": "hello"}, "send input_ids"),
     ("/generate", {"input_ids": IDS, "sampling_params": {"stop": ["x"]}}, "stop strings"),
+    ("/generate", {"input_ids": IDS, "sampling_params": {"stop_regex": "x+"}}, "stop_regex"),
+    ("/generate", {"input_ids": IDS, "sampling_params": {"regex": "(yes|no)"}}, "grammars need one"),
     ("/v1/completions", {"prompt": IDS}, "this route needs one"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "this route needs one"),
     ("/tokenize", {"prompt": "x"}, "this route needs one"),

@@ -83,6 +83,12 @@ def test_same_greedy_text_as_tp1(client, server, tp_server):
     assert answers(tp_server.url) == answers(server.url)
 
 
+def test_stop_regex_is_a_400_under_tp(tp_server):
+    r = httpx.post(tp_server.url + "/generate", json={"text": "hi", "sampling_params": {"stop_regex": "x+"}})
+    assert r.status_code == 400 and "--tp > 1" in r.json()["error"]["message"], r.text
+    assert_every_rank_idle(tp_server.url)
+
+
 def test_abort_and_disconnect_free_slots_on_every_rank(tp_server):
     url = tp_server.url
     t = threading.Thread(target=lambda: httpx.post(url + "/generate", timeout=120, json={

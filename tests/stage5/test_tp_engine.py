@@ -76,3 +76,13 @@ def test_abort_and_retraction_free_slots_on_every_rank(engines):
     assert reqs[1].finish_reason["type"] == "abort"
     assert sched.total_retractions > 0, "the pool should be small enough to retract"
     assert_books_balance(tp)
+
+
+def test_stop_regex_is_refused_under_tp(engines):
+    """Every rank checks stops itself and a regex search is time-bounded, so one rank could
+    end a request the others keep: refused (with a clear message) until that is solved."""
+    _, tp = engines
+    params = SamplingParams.from_dict({"max_new_tokens": 4, "stop_regex": "x+"}, tp.runner.config.vocab_size)
+    with pytest.raises(ValueError, match="stop_regex is not supported with tensor parallelism"):
+        tp.scheduler.add_request(Req("tp-regex", list(PROMPTS[0]), params))
+    assert_books_balance(tp)
