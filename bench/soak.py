@@ -137,8 +137,8 @@ def rss_mb(pid: int) -> float | None:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    except OSError:                                   # the process exited meanwhile
+        return None
     return None
 
 
@@ -154,8 +154,8 @@ def server_rss(pid: int | None) -> dict[str, float | None]:
     for child in children:
         try:
             rss[Path(f"/proc/{child}/comm").read_text().strip()] = rss_mb(int(child))
-        except OSError:
-            pass
+        except OSError:                               # exited between listing and reading
+            continue
     return rss
 
 

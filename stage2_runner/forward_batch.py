@@ -86,11 +86,11 @@ def make_batch(rows: list[int], prefix_lens: list[int], new_tokens: list[list[in
     positions = [pos for p, k in zip(prefix_lens, ext) for pos in range(p, p + k)]
     T, B = len(positions), len(rows)
     Tp, Bp = _round_up(T, 2), _round_up(B, 4)        # int64 segments of Tp, int64/int32 rows of Bp
-    host = torch.zeros(3 * Tp + 5 * Bp, dtype=torch.int64)
-    for i, field in enumerate(([t for ts in new_tokens for t in ts], positions)):
-        host[i * Tp: i * Tp + T] = torch.tensor(field, dtype=torch.int64)
-    host[2 * Tp: 2 * Tp + T] = out_cache_loc.to("cpu", torch.int64)
-    host[3 * Tp:].view(5, Bp)[:, :B] = torch.tensor([rows, seq, list(prefix_lens), ext, starts], dtype=torch.int64)
+    tpad, bpad = [0] * (Tp - T), [0] * (Bp - B)
+    host = torch.cat([torch.tensor([t for ts in new_tokens for t in ts] + tpad + positions + tpad, dtype=torch.int64),
+                      out_cache_loc.to("cpu", torch.int64), torch.zeros(Tp - T, dtype=torch.int64),
+                      torch.tensor([v for field in (rows, seq, prefix_lens, ext, starts) for v in (*field, *bpad)],
+                                   dtype=torch.int64)])
     dev = to_device(host, device)
     ids, pos, loc = dev[:T], dev[Tp:Tp + T], dev[2 * Tp:2 * Tp + T]
     rest = dev[3 * Tp:].view(5, Bp)

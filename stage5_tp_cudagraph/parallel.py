@@ -122,15 +122,12 @@ def init_tp(rank: int, size: int, init_addr: str, device: torch.device, timeout_
                           f"and --nnodes?): {str(e).splitlines()[0]}") from None
     # A second group even on CPU: the device group keeps the join timeout for stuck collectives.
     cpu_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-
-    def all_ok(flag: bool) -> bool:                  # every rank's flag, ANDed (on the control group)
-        t = torch.tensor([int(flag)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=cpu_group)
-        return bool(t)
-    small = SymmAllReduce.try_create(dist.group.WORLD, device, all_ok) if custom_all_reduce else None
-    _STATE = TPState(rank, size, device, dist.group.WORLD, cpu_group, small)
+    _STATE = state = TPState(rank, size, device, dist.group.WORLD, cpu_group)
+    if custom_all_reduce:                 # every rank's "set up fine?" ANDed over the control group
+        state.small_all_reduce = SymmAllReduce.try_create(dist.group.WORLD, device,
+                                                          lambda ok: state.min_int(int(ok)) == 1)
     log.info("TP rank %d of %d joined at %s (%s%s)", rank, size, init_addr, backend,
-             ", one-shot all-reduce for small tensors" if small else "")
+             ", one-shot all-reduce for small tensors" if state.small_all_reduce else "")
     return _STATE
 
 

@@ -177,3 +177,41 @@ def test_real_shapes_fused_close_to_stage1(dtype):
         torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
     else:   # bf16: the kernels round like stage 1, but GEMM and sum orders differ
         assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999
+
+
+def test_packed_weights_are_read_as_file_slices(tiny_model_dir, monkeypatch):
+    """The merged q/k/v and gate/up weights read their parts through the file's lazy slice
+    (so a TP rank reads only its rows); everything else is read whole."""
+    import stage1_model.weights as weights
+    calls = {"slice": set(), "tensor": set()}
+    real_open = weights.safe_open
+
+    class SpyOpen:
+        def __init__(self, *a, **kw):
+            self.f = real_open(*a, **kw)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def get_slice(self, name):
+            calls["slice"].add(name)
+            return self.inner.get_slice(name)
+
+        def get_tensor(self, name):
+            calls["tensor"].add(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(weights, "safe_open", SpyOpen)
+    path, _, _ = tiny_model_dir
+    load_fused_model(path, torch.float32, DEV)
+    packed = {n for n in calls["slice"] | calls["tensor"]
+              if any(f".{p}." in n for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))}
+    assert packed and packed <= calls["slice"] and not packed & calls["tensor"]
+    assert "model.norm.weight" in calls["tensor"]
