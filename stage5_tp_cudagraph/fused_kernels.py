@@ -31,7 +31,7 @@ import triton.language as tl
 SILU_BLOCK = 1024            # columns of the intermediate size per silu_and_mul program
 
 
-def _num_warps(block: int) -> int:
+def num_warps_for(block: int) -> int:
     # ~256 elements per warp: 4096-wide rows get 16 warps, tiny test rows get 1.
     return max(1, min(16, block // 256))
 
@@ -59,12 +59,18 @@ def _rmsnorm_kernel(X, Res, W, Out, stride_x, stride_r, stride_o, N, eps,
         # Round the sum to the input dtype, as stage 1's `x + sublayer(x)` does.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(Res + row * stride_r + offs, x, mask=mask)
+    norm_row(x, W, Out + row * stride_o, offs, mask, N, eps)
+
+
+@triton.jit
+def norm_row(x, W, Out, offs, mask, N, eps):
+    """Out[offs] = RMSNorm(x) * W: x is one row [BLOCK] in the model dtype, zero past N.
+    Shared with the all-reduce + add + norm kernel (symm_all_reduce.py)."""
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, 0) / N + eps)
-    y = (xf * rstd).to(X.dtype.element_ty)                                # cast back, then scale
+    y = (xf * rstd).to(x.dtype)                                           # cast back, then scale
     w = tl.load(W + offs, mask=mask, other=0.0)
-    out = y.to(tl.float32) * w.to(tl.float32)
-    tl.store(Out + row * stride_o + offs, out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + offs, (y.to(tl.float32) * w.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -81,7 +87,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         res = residual if residual is not None else x      # a placeholder, never read
         _rmsnorm_kernel[(T,)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), N, eps,
                               HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
-                              num_warps=_num_warps(BLOCK))
+                              num_warps=num_warps_for(BLOCK))
     return out if residual is None else (out, residual)
 
 
@@ -192,5 +198,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if T > 0:
         BLOCK = min(SILU_BLOCK, triton.next_power_of_2(I))
         _silu_and_mul_kernel[(T, triton.cdiv(I, BLOCK))](x, out, x.stride(0), out.stride(0), I,
-                                                         BLOCK=BLOCK, num_warps=_num_warps(BLOCK))
+                                                         BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
     return out

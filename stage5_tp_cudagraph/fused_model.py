@@ -16,7 +16,8 @@ What differs from stage 1, per layer (~12 launches instead of ~65):
     KV heads, its gate/up features): the merged GEMM stays column-parallel (tp_layers.py).
   - residual add + RMSNorm, q/k norm + RoPE and SiLU-and-mul are one Triton kernel each
     (fused_kernels.py). The residual stream is carried between layers, SGLang-style:
-    each layer returns (sublayer output, residual) and the next norm adds them.
+    each layer returns (sublayer output, residual) and the next norm adds them. Under TP
+    that norm also does the all-reduce of the row-parallel output (symm_all_reduce.py).
 Stage 1 stays the readable reference; tests/stage5/test_fused_model.py checks the two agree.
 """
 from __future__ import annotations
@@ -108,9 +109,14 @@ class CheckpointView:
 # ---------------------------------------------------------------- modules
 
 class FusedRMSNorm(RMSNorm):
-    """Stage 1's RMSNorm parameters; forward(x, residual=None) is one fused kernel."""
+    """Stage 1's RMSNorm parameters; forward(x, residual=None) is one fused kernel.
+    Under TP (`tp` set), an x given with a residual is a row-parallel layer's partial sum:
+    the all-reduce joins the same kernel (tp.all_reduce_add_rmsnorm)."""
+    tp = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None and self.tp is not None:
+            return self.tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps)
         return fk.rmsnorm(x, self.weight, self.eps, residual)
 
 
@@ -126,7 +132,7 @@ class FusedAttention(nn.Module):
         # qkv rows: [q heads | k heads | v heads], the order qk_norm_rope expects
         self.qkv_proj = merged_linear(factory, cfg.hidden_size, "qkv_proj",
                                       [(H * D, "column"), (KVH * D, "kv"), (KVH * D, "kv")])
-        self.o_proj = factory.linear(H * D, cfg.hidden_size, "row")
+        self.o_proj = factory.linear(H * D, cfg.hidden_size, "row_partial")    # reduced by the next norm
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)         # parameters only: the kernel applies them
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
@@ -147,7 +153,7 @@ class FusedMLP(nn.Module):
     def __init__(self, hidden: int, inter: int, factory: LayerFactory):
         super().__init__()
         self.gate_up_proj = merged_linear(factory, hidden, "gate_up_proj", [(inter, "column"), (inter, "column")])
-        self.down_proj = factory.linear(inter, hidden, "row")
+        self.down_proj = factory.linear(inter, hidden, "row_partial")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(fk.silu_and_mul(self.gate_up_proj(x)))   # [T, 2I] -> [T, I] -> [T, hidden]
@@ -195,7 +201,13 @@ class FusedQwen3ForCausalLM(Qwen3ForCausalLM):
 
 def build_fused_model(cfg: ModelConfig, dtype: torch.dtype, device,
                       factory: LayerFactory | None = None) -> FusedQwen3ForCausalLM:
-    return build_model(cfg, dtype, device, factory, model_cls=FusedQwen3ForCausalLM)
+    model = build_model(cfg, dtype, device, factory, model_cls=FusedQwen3ForCausalLM)
+    # Under TP, o_proj/down_proj leave their outputs partial ("row_partial") and every norm
+    # that adds a sublayer output to the residual stream all-reduces it first.
+    for module in model.modules():
+        if isinstance(module, FusedRMSNorm):
+            module.tp = getattr(factory, "tp", None)
+    return model
 
 
 def init_dummy_as_stage1(model: nn.Module, cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0,

@@ -3,6 +3,7 @@
     tp = init_tp(rank, size, "HOST:PORT", device, timeout_s)   # every rank calls it; blocks until all joined
     get_tp() -> TPState | None        None: one process, nothing is parallel
     tp.all_reduce(x)                  sum over ranks (row-parallel outputs, embeddings); use the result
+    tp.all_reduce_add_rmsnorm(x, residual, w, eps)   residual += sum(x); RMSNorm of it (one kernel on GPUs)
     tp.all_gather(x)                  [N, local] on each rank -> [N, size * local], in rank order
     tp.broadcast(x)                   rank 0's tensor to everyone (the sampled ids)
     tp.min_int(n), tp.gather_ints(v), tp.broadcast_bytes(b)     control plane, on the CPU group
@@ -28,6 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from stage5_tp_cudagraph import fused_kernels as fk
 from stage5_tp_cudagraph.symm_all_reduce import SymmAllReduce
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,14 @@ class TPState:
             return self.small_all_reduce(x)
         dist.all_reduce(x, group=self.device_group)
         return x
+
+    def all_reduce_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        """x [T, N]: this rank's partial sum (a row-parallel output). residual += sum over
+        ranks of x, in place; returns (RMSNorm(residual) * weight, residual). Small x: one
+        kernel (symm_all_reduce.py); otherwise NCCL, then the fused add + norm."""
+        if self.small_all_reduce is not None and self.small_all_reduce.fits(x):
+            return self.small_all_reduce.add_rmsnorm(x, residual, weight, eps)
+        return fk.rmsnorm(self.all_reduce(x), weight, eps, residual)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """[N, local] per rank -> [N, size * local]: rank r's columns come r-th."""

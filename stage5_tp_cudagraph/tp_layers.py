@@ -71,15 +71,18 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """x [T, in_local] (this rank's features) -> partial [T, out], summed over ranks."""
+    """x [T, in_local] (this rank's features) -> partial [T, out], summed over ranks.
+    reduce=False returns the partial sum: the caller reduces it (fused_model's norms do,
+    in one kernel with the residual add and RMSNorm that follow)."""
 
-    def __init__(self, in_local: int, out_features: int, rank: int, tp):
+    def __init__(self, in_local: int, out_features: int, rank: int, tp, reduce: bool = True):
         super().__init__()
-        self.tp = tp
+        self.tp, self.reduce = tp, reduce
         self.weight = _param((out_features, in_local), (1, rank * in_local, in_local, in_local * tp.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight)
+        return self.tp.all_reduce(partial) if self.reduce else partial
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -135,8 +138,9 @@ class TPLayerFactory(LayerFactory):
         return self.rank * local, local
 
     def linear(self, in_features: int, out_features: int, kind: str) -> nn.Module:
-        if kind == "row":
-            return RowParallelLinear(in_features // self.size, out_features, self.rank, self.tp)
+        if kind in ("row", "row_partial"):       # row_partial: the output is left unreduced
+            return RowParallelLinear(in_features // self.size, out_features, self.rank, self.tp,
+                                     reduce=kind == "row")
         return ColumnParallelLinear(in_features, out_features, *self.column_shard(out_features, kind))
 
     def embedding(self, vocab: int, hidden: int) -> nn.Module:

@@ -99,6 +99,55 @@ def test_all_reduce_small_and_large():
         assert torch.equal(e0, e1) and torch.equal(g0, g1) and torch.equal(e0, g0)
 
 
+def add_norm_run(tp, shapes: list[tuple[int, int]]):
+    """all_reduce_add_rmsnorm (one kernel when small) and its reference (NCCL all-reduce,
+    then fused_kernels.rmsnorm), eagerly, then three replays of one CUDA graph per shape."""
+    import torch.distributed as dist
+    from stage5_tp_cudagraph import fused_kernels as fk
+    out = []
+    for i, (T, N) in enumerate(shapes):
+        gen = torch.Generator(device=tp.device).manual_seed(i)          # residual, weight: same on all ranks
+        res, w = torch.randn(T, N, generator=gen, device=tp.device), torch.rand(N, generator=gen, device=tp.device)
+        xs = [torch.randn(T, N, generator=gen, device=tp.device) * (tp.rank + 1) for _ in range(4)]
+        xs, res, w = [x.bfloat16() for x in xs], res.bfloat16(), w.bfloat16()
+        ref_sum = xs[0].clone()
+        dist.all_reduce(ref_sum)
+        want = fk.rmsnorm(ref_sum, w, 1e-6, res.clone())
+        got = tp.all_reduce_add_rmsnorm(xs[0].clone(), res.clone(), w, 1e-6)
+        static_x, static_res = xs[1].clone(), res.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_out, g_res = tp.all_reduce_add_rmsnorm(static_x, static_res, w, 1e-6)
+        replays = []
+        for x in xs[1:]:
+            static_x.copy_(x)
+            static_res.copy_(res)
+            graph.replay()
+            want_r = x.clone()
+            dist.all_reduce(want_r)
+            replays.append((g_out.cpu(), g_res.cpu(), *[t.cpu() for t in fk.rmsnorm(want_r, w, 1e-6, res.clone())]))
+        out.append(([t.cpu() for t in (*got, *want)], replays))
+    return out, tp.small_all_reduce is not None
+
+
+def test_all_reduce_add_rmsnorm_matches_nccl_then_norm():
+    """The fused one-shot all-reduce + residual add + RMSNorm == NCCL, then the norm kernel:
+    eager and replayed from graphs (the call number advances on the GPU), odd row counts,
+    two widths, and a shape too large for it (NCCL path); every rank bit-equal."""
+    shapes = [(1, 4096), (3, 4096), (64, 4096), (7, 1024), (1, 4096), (300, 4096)]
+    (r0, one_shot), (r1, _) = run_ranks(2, add_norm_run, shapes, device="cuda", timeout=300)
+    assert one_shot, "the one-shot path fell back to NCCL (see the rank logs' warning)"
+    for (eager0, rep0), (eager1, rep1) in zip(r0, r1):
+        for a, b in zip(eager0 + [t for r in rep0 for t in r], eager1 + [t for r in rep1 for t in r]):
+            assert torch.equal(a, b)                                   # ranks agree bit for bit
+        out, res, want_out, want_res = eager0
+        torch.testing.assert_close(res, want_res, rtol=0, atol=0)     # bf16 sum of 2: one rounding either way
+        torch.testing.assert_close(out, want_out, rtol=1e-2, atol=1e-2)
+        for g_out, g_res, w_out, w_res in rep0:
+            torch.testing.assert_close(g_res, w_res, rtol=0, atol=0)
+            torch.testing.assert_close(g_out, w_out, rtol=1e-2, atol=1e-2)
+
+
 def run_engine(dtype: str, graphs: bool, tp: int):
     opts = dict(model=str(CONFIGS / "qwen3-0.6b"), load_format="dummy", device="cuda", dtype=dtype,
                 max_total_tokens=20000, disable_cuda_graph=not graphs, cuda_graph_max_bs=16, tp=tp)

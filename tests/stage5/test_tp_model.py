@@ -14,7 +14,7 @@ from stage1_model.config import load_config
 from stage1_model.generate import forward_logits, generate
 from stage1_model.model_source import resolve_model_path
 from stage1_model.weights import build_model, load_model
-from stage5_tp_cudagraph.fused_model import fill_weights
+from stage5_tp_cudagraph.fused_model import fill_weights, load_fused_model
 from stage5_tp_cudagraph.tp_layers import TPLayerFactory, shard_of
 from tp_harness import run_ranks
 
@@ -75,6 +75,22 @@ def test_tp2_equals_tp1(cases):
 def test_tp4_replicates_kv_heads(cases):
     """2 KV heads on 4 ranks: ranks 0-1 hold KV head 0, ranks 2-3 KV head 1."""
     check(4, [c for c in cases if c[0] in ("gqa4-untied", "gqa2-tied")])
+
+
+def fused_run(tp, model_dir, prompt):
+    cfg = load_config(model_dir)
+    model = load_fused_model(model_dir, torch.float32, "cpu", "auto", TPLayerFactory(cfg, tp), cfg)
+    return forward_logits(model, prompt), generate(model, prompt, NEW_TOKENS)
+
+
+def test_fused_model_tp2_equals_tp1(cases):
+    """The fused model (Triton kernels, under the interpreter on CPU) at TP=2: o_proj and
+    down_proj leave partial sums and the norms after them all-reduce (gloo here)."""
+    name, model_dir, _, prompt = next(c for c in cases if c[0] == "gqa4-untied")
+    _, logits, tokens = reference(model_dir, "auto", prompt)
+    for rank, (tp_logits, tp_tokens) in enumerate(run_ranks(2, fused_run, model_dir, prompt)):
+        assert tp_tokens == tokens, rank
+        torch.testing.assert_close(tp_logits, logits, rtol=1e-4, atol=1e-4, msg=f"rank {rank}")
 
 
 def test_factory_refuses_what_cannot_split():
