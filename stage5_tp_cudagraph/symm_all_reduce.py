@@ -46,8 +46,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit
 def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Bufs, Flags, State, N, half, eps,
-                     RANK: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr,
-                     ADD_NORM: tl.constexpr, BLOCK: tl.constexpr):
+                     RANK: tl.constexpr, WORLD: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -58,14 +57,13 @@ def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Bufs, Flags, 
     tl.store(tl.load(Bufs + RANK).to(tl.pointer_type(dtype)) + slot + offs, x, mask=mask)
     tl.debug_barrier()                                      # all threads' stores precede the flags
 
-    ranks = tl.arange(0, WORLD_P2)
-    rmask = ranks < WORLD
-    flag_arrays = tl.load(Flags + ranks, mask=rmask, other=0).to(tl.pointer_type(tl.int32))
-    tl.atomic_xchg(flag_arrays + row * WORLD + RANK, epoch, mask=rmask, sem="release", scope="sys")
-    mine = tl.load(Flags + RANK).to(tl.pointer_type(tl.int32)) + row * WORLD + ranks
-    seen = tl.zeros([WORLD_P2], dtype=tl.int32)
-    while tl.min(tl.where(rmask, seen, epoch)) < epoch:    # spin until every rank's row is there
-        seen = tl.atomic_add(mine, 0, mask=rmask, sem="acquire", scope="sys")
+    for r in tl.static_range(WORLD):                        # "my row of call `epoch` is there"
+        flags = tl.load(Flags + r).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(flags + row * WORLD + RANK, epoch, sem="release", scope="sys")
+    mine = tl.load(Flags + RANK).to(tl.pointer_type(tl.int32)) + row * WORLD
+    for r in tl.static_range(WORLD):                        # spin until every rank's row is there
+        while tl.atomic_add(mine + r, 0, sem="acquire", scope="sys") < epoch:
+            pass
     tl.debug_barrier()                                      # ... for every thread of the program
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -148,8 +146,7 @@ class SymmAllReduce:
         BLOCK = triton.next_power_of_2(N)
         _one_shot_kernel[(T,)](x, x.stride(0), res, res.stride(0), w, out, out.stride(0), self.bufs,
                                self.flags, self.state, N, MAX_BYTES // x.element_size(), eps,
-                               RANK=self.rank, WORLD=self.world, WORLD_P2=triton.next_power_of_2(self.world),
-                               ADD_NORM=add_norm, BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
+                               RANK=self.rank, WORLD=self.world, ADD_NORM=add_norm, BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over ranks, as a new tensor of x's shape (x is left as it was)."""

@@ -8,6 +8,9 @@ peer-mapped memory. Checks: sums and the fused add + RMSNorm equal the unfused r
 The GPU twin (real NVLink, CUDA graphs) is in test_tp_gpu.py.
 """
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,3 +63,34 @@ def test_one_shot_sum_and_add_norm_match_reference(world):
         torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
         for r in range(1, world):                     # every rank: the same bits
             assert all(torch.equal(a, b) for a, b in zip(results[r][i], results[0][i])), (i, r)
+
+
+COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from stage5_tp_cudagraph.symm_all_reduce import _one_shot_kernel
+dtype, add_norm = sys.argv[1], sys.argv[2] == "1"
+ptr = "*" + dtype
+sig = {"X": ptr, "stride_x": "i32", "Res": ptr, "stride_r": "i32", "W": ptr, "Out": ptr, "stride_o": "i32",
+       "Bufs": "*i64", "Flags": "*i64", "State": "*i32", "N": "i32", "half": "i32", "eps": "fp32",
+       "RANK": "constexpr", "WORLD": "constexpr", "ADD_NORM": "constexpr", "BLOCK": "constexpr"}
+src = ASTSource(fn=_one_shot_kernel, signature=sig,
+                constexprs={"RANK": 1, "WORLD": 2, "ADD_NORM": add_norm, "BLOCK": 4096})
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16}).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("dtype,add_norm", [("bf16", True), ("fp32", False)])
+def test_kernel_compiles_for_hopper(dtype, add_norm):
+    """The interpreter skips Triton's GPU compiler; this runs it (to PTX for sm_90, no GPU
+    needed, in a process without TRITON_INTERPRET), so a kernel the compiler rejects fails
+    here, not first on the GPU (one did: a loop over a vector of flags)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    run = subprocess.run([sys.executable, "-c", COMPILE, dtype, "1" if add_norm else "0"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "atom.global.sys.release.exch" in run.stdout and "ld.global.sys.acquire" in run.stdout   # the flags
