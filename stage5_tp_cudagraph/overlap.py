@@ -19,6 +19,11 @@ gathers its input ids from there. Host-side knowledge lags one step:
   - `generated = kv_len - len(input_ids)` counts in-flight tokens, so seeds and
     min_new_tokens see the same step number as in stage 3, and penalties add each
     request's in-flight token from `next_token` on the device.
+First tokens do not lag: a batch that samples some request's first token (a prefill) is
+committed in the step that launched it. Left in flight, that token would wait for the
+next batch to be scheduled and launched (on CPU, a whole decode step) and that wait
+would be in every request's time to first token; the price is that the next launch
+finds the GPU idle, once per prefill, not once per decode step.
 Why freeing at once is safe: everything runs on one CUDA stream, so a slot or row freed
 now and handed to a later batch is written only by kernels queued after the in-flight
 batch, which is done with it by then. Host buffers stay valid because PyTorch's pinned
@@ -61,6 +66,8 @@ class OverlapScheduler(Scheduler):
         if self.in_flight is not None:
             reports += self._commit_in_flight()           # host side of batch N
         self.in_flight, self._launched = self._launched, None
+        if self.in_flight is not None and self._first_tokens_in_flight():
+            reports += self._commit_in_flight()           # a prefill's first tokens go out now
         reports, self.finished_unreported = self.finished_unreported + reports, []
         return [r.take_output() for r in dict.fromkeys(reports)]
 
@@ -69,6 +76,11 @@ class OverlapScheduler(Scheduler):
 
     def has_unreported(self) -> bool:
         return super().has_unreported() or self.in_flight is not None
+
+    def _first_tokens_in_flight(self) -> bool:
+        """Does the batch in flight sample a request's first token? (A request whose prefill
+        was retracted and redone has output already: its next token is not a first.)"""
+        return any(not r.output_ids and not r.finished for r in self.in_flight[0])
 
     def _grammar_in_flight(self) -> bool:
         """Does the batch in flight hold a grammar request that may be decoded next? (Never

@@ -140,6 +140,24 @@ def test_engine_generate_drains_in_flight(tiny_model_dir, vocab):
     eng.check_integrity()
 
 
+def test_first_token_comes_out_of_its_prefill_step(tiny_model_dir, vocab):
+    """A request's first token is reported by the step that ran its prefill, as in stage 3,
+    also when it arrives while others decode: time to first token never includes the next
+    batch's launch (on CPU, a whole decode step). Later tokens still come one step late."""
+    a, b = random_prompts(vocab, [6, 5], seed=13)
+    params = SamplingParams.from_dict(dict(GREEDY, max_new_tokens=8), vocab)
+    for overlap in (False, True):
+        sched = engine(tiny_model_dir[0], overlap).scheduler
+        sched.add_request(Req("a", a, params))
+        assert [(o.rid, len(o.new_token_ids)) for o in sched.step()] == [("a", 1)]
+        sched.step()                                      # "a" decodes
+        sched.add_request(Req("b", b, params))
+        firsts = [o.new_token_ids for o in sched.step() if o.rid == "b"]
+        assert len(firsts) == 1 and len(firsts[0]) == 1, f"overlap={overlap}: no first token for b"
+        while sched.has_work():
+            sched.step()
+
+
 def test_abort_reason_says_where_the_request_was(tiny_model_dir, vocab):
     eng = engine(tiny_model_dir[0], True)
     waiting = Req("w", random_prompts(vocab, [5], seed=9)[0], SamplingParams.from_dict(GREEDY, vocab))
