@@ -3,7 +3,9 @@
   - model level: the fused model (merged q/k/v and gate/up, Triton kernels) sharded by
     TPLayerFactory on 2 ranks == the stage-1 model on one GPU, dummy Qwen3-0.6B and 8B
     weights: fp32 logits close and greedy tokens equal; bf16 logits within tolerance;
-  - Engine(tp=2) == Engine(tp=1), eager and with CUDA graphs (which capture the NCCL
+  - the all-reduces: one-shot sums and the fused all-reduce + residual add + RMSNorm
+    (symm_all_reduce.py) == NCCL then the norm kernel, eager and replayed from graphs;
+  - Engine(tp=2) == Engine(tp=1), eager and with CUDA graphs (which capture the
     all-reduces): equal greedy tokens in fp32; in bf16 the first token's top logprobs close.
 Run: python -m pytest -m gpu tests/stage5/test_tp_gpu.py tests/server/test_tp_server_gpu.py
 """
