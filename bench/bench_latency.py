@@ -14,6 +14,8 @@ The limit (GPU only): every weight GEMM of one decode step (q, k, v, o, gate, up
 each layer, and the LM head) on the model's own weights, at batch B, captured in ONE CUDA
 graph and replayed: what a decode step costs with no attention, no norms, no launch gaps.
 Printed side by side with the ratio; a markdown table, one JSON line per batch size.
+--repeat N times each batch size N times and reports the median (every run in the JSON):
+a ratio between two runs (TP=2 / TP=1) means little without their spread.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefill_len", type=int, default=0, help="also time the prefill of one prompt this long")
     add("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for the %% column (H200: 989)")
     add("--seed", type=int, default=0)
+    add("--repeat", type=int, default=1, help="time each batch size N times; report the median and the spread")
     return ap
 
 
@@ -153,12 +156,15 @@ def main(argv=None) -> None:
     print("| --- | --- | --- | --- | --- |")
     rows = []
     for b in args.batch_sizes:
-        ms = decode_ms_per_token(engine, b, args.input_len, args.output_len, args.seed + b)
+        runs = sorted(decode_ms_per_token(engine, b, args.input_len, args.output_len, args.seed + b)
+                      for _ in range(args.repeat))
+        ms = runs[len(runs) // 2]                                   # median (upper one for even N)
         limit = gemm_chain_ms(engine.runner.model, b) if on_gpu and not args.skip_limit else None
         ratio = f"{ms / limit:.2f}x" if limit else "-"
         print(f"| {args.model} | {b} | {ms:.3f} | {limit and f'{limit:.3f}' or '-'} | {ratio} |", flush=True)
         rows.append(dict(model=args.model, tp=args.tp, batch=b, input_len=args.input_len, output_len=args.output_len,
-                         decode_ms_per_token=round(ms, 4), gemm_chain_ms=limit and round(limit, 4),
+                         decode_ms_per_token=round(ms, 4), decode_ms_runs=[round(r, 4) for r in runs],
+                         gemm_chain_ms=limit and round(limit, 4),
                          cuda_graphs=graphs, overlap=not args.disable_overlap,
                          tok_per_s=round(b * 1e3 / ms, 1)))
     for r in rows:
