@@ -24,12 +24,16 @@ mapped into the others' address space over NVLink), with one slot per source ran
 Calls alternate between two halves of the buffer. A peer can only write call e + 2 into the
 half of call e after it received this rank's row of call e + 1, which this rank sends only
 after it has read and reset call e's slots: so a slot is never overwritten before it is
-read. The call number lives on the GPU (the last program of a call moves it on), so a CUDA
+read. Which half is next lives on the GPU (the last program of a call flips it), so a CUDA
 graph replays the kernel as it is. Each dtype size (16/32 bit) has its own region, so a
-slot always holds the sentinel of the width it is read with.
+slot always holds the sentinel of the width it is read with. The programs of one call
+(its rows) never wait for each other, only for the same row on the peers.
 
-Only small payloads: prefill and large batches go to NCCL. If the symmetric-memory set-up
-fails on any rank, every rank stays on NCCL.
+A wait has no natural end if a peer died or the ranks' call sequences diverged, so on GPUs
+a wait over WATCHDOG_NS traps: the kernel fails and the rank goes down like a dead one,
+where NCCL's watchdog would do the same. Only small tensors (<= MAX_BYTES in all):
+prefill and large batches go to NCCL. If the set-up or its probe fails on any rank, every
+rank stays on NCCL.
 """
 from __future__ import annotations
 
@@ -46,20 +50,32 @@ MAX_BYTES = 512 * 1024          # per call and source rank: decode up to batch 6
 REGION_BYTES = 2 * MAX_BYTES    # per source rank and dtype size: two halves (calls alternate)
 MAX_COLS = 16384                # one row is one program's block
 SENTINEL = {2: -32768, 4: -2147483648}    # -0.0 of a 16- and a 32-bit float, as signed ints
+WATCHDOG_NS = tl.constexpr(300 * 10**9)   # GPUs: a wait longer than this traps (a dead or diverged peer)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _now_ns():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _trap():
+    """End the kernel with an error: the process fails like a rank that died."""
+    tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Buf, Deltas, State, N, cap, eps,
                      RANK: tl.constexpr, WORLD: tl.constexpr, SENTINEL: tl.constexpr,
-                     ADD_NORM: tl.constexpr, BLOCK: tl.constexpr):
+                     ADD_NORM: tl.constexpr, BLOCK: tl.constexpr, WATCHDOG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     dtype = X.dtype.element_ty
     bits_t = Buf.dtype.element_ty                                # its bits: int16 for bf16
-    epoch = tl.load(State) + 1                                   # this call's number, equal on all ranks
-    half = (epoch % 2).to(tl.int64) * WORLD                      # first slot of this call's half
+    parity = tl.load(State)                                      # this call's half (0 or 1), equal on all ranks
+    half = parity.to(tl.int64) * WORLD                           # its first slot
     bits = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(bits_t, bitcast=True)
     bits = tl.where(bits == SENTINEL, 0, bits)                   # -0.0 -> +0.0: the sentinel is never sent
     x = bits.to(dtype, bitcast=True)
@@ -75,8 +91,13 @@ def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Buf, Deltas, 
         else:
             slot = Buf + (half + r) * cap + row * N + offs
             got = tl.load(slot, mask=mask, other=0, volatile=True)
+            if WATCHDOG:
+                start = _now_ns()
             while tl.max((got == SENTINEL).to(tl.int32), 0) > 0:    # spin until all of rank r's row is in
                 got = tl.load(slot, mask=mask, other=0, volatile=True)
+                if WATCHDOG:                                     # a peer that never comes: fail, not hang
+                    if _now_ns() - start > WATCHDOG_NS:
+                        _trap()
             acc += got.to(dtype, bitcast=True).to(tl.float32)
             tl.store(slot, tl.full([BLOCK], SENTINEL, bits_t), mask=mask)   # empty again
     s = acc.to(dtype)                                            # rounded once, as a bf16 all-reduce result
@@ -88,9 +109,10 @@ def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Buf, Deltas, 
     else:
         tl.store(Out + row * stride_o + offs, s, mask=mask)
 
-    # The last program of this call moves the call number on for the next launch.
+    # The last program of this call flips the half for the next launch (all programs read
+    # `parity` before they count themselves done).
     if tl.atomic_add(State + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-        tl.store(State, epoch)
+        tl.store(State, 1 - parity)
         tl.store(State + 1, 0)
 
 
@@ -106,7 +128,7 @@ class SymmAllReduce:
         # peer r's region = my region + deltas[r] elements (the same layout in every buffer)
         self.deltas = {size: torch.tensor([(b - mine) // size for b in bases], dtype=torch.int64,
                                           device=buffer.device) for size in (2, 4)}
-        self.state = torch.zeros(2, dtype=torch.int32, device=buffer.device)   # call number, programs done
+        self.state = torch.zeros(2, dtype=torch.int32, device=buffer.device)   # next call's half, programs done
 
     @staticmethod
     def nbytes(world: int) -> int:
@@ -122,7 +144,8 @@ class SymmAllReduce:
     def try_create(cls, group, device: torch.device, all_ok) -> SymmAllReduce | None:
         """`all_ok(flag) -> bool`: True only if every rank passed True (a collective on the
         control group). Every rank must take the same path, or the first all-reduce hangs:
-        so the ranks agree before the collective rendezvous and again after the probe."""
+        so the ranks agree before the collective rendezvous, before the probe (its kernels
+        wait for every rank) and after it."""
         if device.type != "cuda":
             return None                                  # the same on every rank
         world, name, error, buffer = group.size(), group.group_name, None, None
@@ -139,17 +162,34 @@ class SymmAllReduce:
             try:
                 handle = symm.rendezvous(buffer, name)          # collective: every rank maps every buffer
                 shift = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]   # our tensor in its allocation
-                ar = cls(buffer, [p + shift for p in handle.buffer_ptrs], handle.rank, world)
-                probe = ar(torch.ones(4, dtype=torch.float32, device=device))
-                if not torch.all(probe == float(world)):
-                    raise RuntimeError(f"probe sum {probe.tolist()} != {world}")
+                bases = [p + shift for p in handle.buffer_ptrs]
+                if any((b - bases[handle.rank]) % 64 for b in bases):        # the kernel's 16-element hint
+                    raise RuntimeError(f"peer buffers not 64-byte aligned to each other: {bases}")
+                ar = cls(buffer, bases, handle.rank, world)
             except Exception as e:  # noqa: BLE001
                 error = e
-            if all_ok(error is None):
+            if all_ok(error is None) and all_ok(cls._probe(ar, device)):   # a probe waits for every rank
                 return ar
         log.warning("one-shot all-reduce unavailable on some rank, using NCCL for all sizes%s",
                     f": {error}" if error else "")
         return None
+
+    @staticmethod
+    def _probe(ar: SymmAllReduce, device) -> bool:
+        """Both kernel variants on known data: a sum (fp32) and an add + norm (bf16, a width
+        that takes the vectorised path). False (and a log line) on a wrong result or an error."""
+        try:
+            total = ar(torch.ones(4, dtype=torch.float32, device=device))
+            ones = torch.ones(2, 1024, dtype=torch.bfloat16, device=device)
+            out, res = ar.add_rmsnorm(ones, torch.zeros_like(ones), torch.ones(1024, dtype=torch.bfloat16,
+                                                                               device=device), 1e-6)
+            good = bool(torch.all(total == ar.world) and torch.all(res == ar.world) and torch.all(out == 1))
+            if not good:
+                log.warning("one-shot all-reduce probe gave wrong sums: %s, %s", total.tolist(), res[0, :4].tolist())
+            return good
+        except Exception as e:  # noqa: BLE001
+            log.warning("one-shot all-reduce probe failed: %s", e)
+            return False
 
     def fits(self, x: torch.Tensor) -> bool:
         nbytes, cols = x.numel() * x.element_size(), x.shape[-1] if x.dim() else 1
@@ -161,7 +201,7 @@ class SymmAllReduce:
         _one_shot_kernel[(T,)](x, x.stride(0), res, res.stride(0), w, out, out.stride(0), self.region[size],
                                self.deltas[size], self.state, N, MAX_BYTES // size, eps,
                                RANK=self.rank, WORLD=self.world, SENTINEL=SENTINEL[size], ADD_NORM=add_norm,
-                               BLOCK=BLOCK, num_warps=num_warps_for(BLOCK))
+                               BLOCK=BLOCK, WATCHDOG=x.is_cuda, num_warps=num_warps_for(BLOCK))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over ranks, as a new tensor of x's shape (x is left as it was)."""

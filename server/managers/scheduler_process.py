@@ -200,7 +200,8 @@ def leave_a_core(device: torch.device) -> None:
     threads on every core, they wait for a time slice to pass each token on while the next
     step computes (demo model, 2 cores: 4-6 ms of a 10-16 ms time to first token, and its
     steps are no faster on two threads than on one)."""
-    if device.type == "cpu" and torch.get_num_threads() > 1:
+    explicit = "OMP_NUM_THREADS" in os.environ           # the operator chose: keep it
+    if device.type == "cpu" and torch.get_num_threads() > 1 and not explicit:
         torch.set_num_threads(torch.get_num_threads() - 1)
 
 

@@ -92,7 +92,7 @@ def all_reduce_run(tp, sizes: list[int]):
 def test_all_reduce_small_and_large():
     """The one-shot path (small) and NCCL (large) both sum exactly what the ranks hold, in
     graphs too; every rank gets bit-equal results."""
-    sizes = [4096, 4096 * 16, 4096 * 512]            # 8 KB .. 4 MB in bf16: both sides of MAX_BYTES
+    sizes = [4096, 4096 * 16, 4096 * 512]    # 1-D: one row of 8 KB (one-shot); longer rows than MAX_COLS: NCCL
     (r0, one_shot), (r1, _) = run_ranks(2, all_reduce_run, sizes, device="cuda", timeout=300)
     assert one_shot, "the one-shot path fell back to NCCL (see the rank logs' warning)"
     for (x0, e0, g0), (x1, e1, g1) in zip(r0, r1):
