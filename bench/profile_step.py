@@ -127,7 +127,8 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     res = dict(model=args.model, batch=args.batch, graphs=getattr(engine.runner, "graphs", None) is not None,
                overlap=not args.disable_overlap)
-    res["gpu_ms"] = gpu_forward_ms(engine, args.steps)
+    # With TP, a forward on rank 0 alone would wait forever for its peers' all-reduces.
+    res["gpu_ms"] = gpu_forward_ms(engine, args.steps) if args.tp == 1 else None
     res["step_ms"] = time_steps(engine, args.steps)
     prof = cProfile.Profile()
     prof.enable()

@@ -15,7 +15,10 @@ What differs from stage 1, per layer (~12 launches instead of ~65):
     Under tensor parallelism each part contributes only this rank's rows (its q heads, its
     KV heads, its gate/up features): the merged GEMM stays column-parallel (tp_layers.py).
   - residual add + RMSNorm, q/k norm + RoPE and SiLU-and-mul are one Triton kernel each
-    (fused_kernels.py). The residual stream is carried between layers, SGLang-style:
+    (fused_kernels.py). The four projections call gemv.linear: a Triton matrix-vector
+    kernel for one token (batch-1 decode), cuBLAS otherwise. The modules stay for their
+    weights (and weight loaders); forward reads `.weight`, which under TP is this rank's
+    shard, so o_proj/down_proj give the partial sums the next norm all-reduces. The residual stream is carried between layers, SGLang-style:
     each layer returns (sublayer output, residual) and the next norm adds them. Under TP
     that norm also does the all-reduce of the row-parallel output (symm_all_reduce.py).
 Stage 1 stays the readable reference; tests/stage5/test_fused_model.py checks the two agree.
@@ -33,6 +36,7 @@ from stage1_model.layers import LayerFactory, RMSNorm, RotaryEmbedding
 from stage1_model.model import Qwen3ForCausalLM, Qwen3Model
 from stage1_model.weights import build_model, fill_dummy, load_safetensors
 from stage5_tp_cudagraph import fused_kernels as fk
+from stage5_tp_cudagraph.gemv import linear
 from stage5_tp_cudagraph.tp_layers import column_shard, shard_of
 
 # merged module -> the checkpoint modules it holds, in output-row order
@@ -137,7 +141,7 @@ class FusedAttention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, x, positions, rope: RotaryEmbedding, attn, batch):
-        qkv = self.qkv_proj(x)                             # [T, (H + 2*KVH) * D], one GEMM
+        qkv = linear(x, self.qkv_proj.weight)              # [T, (H + 2*KVH) * D], one GEMM
         # A paged backend (stage 2: `pool` + `attend`) gets its K/V rows written by the
         # RoPE kernel itself; any other attention callable stores them as usual.
         pool = getattr(attn, "pool", None) if hasattr(attn, "attend") else None
@@ -146,7 +150,7 @@ class FusedAttention(nn.Module):
         q, k, v = fk.qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, rope.cos, rope.sin,
                                   positions, self.num_heads, self.num_kv_heads, self.q_norm.eps, store)
         out = attn.attend(q, self.layer_id, batch) if store else attn(q, k, v, self.layer_id, batch)
-        return self.o_proj(out)
+        return linear(out, self.o_proj.weight)             # partial under TP: no reduce here
 
 
 class FusedMLP(nn.Module):
@@ -156,7 +160,8 @@ class FusedMLP(nn.Module):
         self.down_proj = factory.linear(inter, hidden, "row_partial")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(fk.silu_and_mul(self.gate_up_proj(x)))   # [T, 2I] -> [T, I] -> [T, hidden]
+        gate_up = linear(x, self.gate_up_proj.weight)                 # [T, 2I]
+        return linear(fk.silu_and_mul(gate_up), self.down_proj.weight)  # [T, I] -> [T, hidden]
 
 
 class FusedDecoderLayer(nn.Module):

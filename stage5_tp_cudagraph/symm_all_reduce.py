@@ -68,7 +68,8 @@ def _trap():
 @triton.jit
 def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Buf, Deltas, State, N, cap, eps,
                      RANK: tl.constexpr, WORLD: tl.constexpr, SENTINEL: tl.constexpr,
-                     ADD_NORM: tl.constexpr, BLOCK: tl.constexpr, WATCHDOG: tl.constexpr):
+                     ADD_NORM: tl.constexpr, BLOCK: tl.constexpr, WATCHDOG: tl.constexpr,
+                     COUNTER_SEM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -109,9 +110,12 @@ def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Buf, Deltas, 
     else:
         tl.store(Out + row * stride_o + offs, s, mask=mask)
 
-    # The last program of this call flips the half for the next launch (all programs read
-    # `parity` before they count themselves done).
-    if tl.atomic_add(State + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+    # The last program of this call flips the half for the next launch. Every program has
+    # used `parity` (its loads and stores depend on it) before it counts itself done, so the
+    # counter needs no memory ordering ("relaxed": no fence waiting for the NVLink stores).
+    if tl.num_programs(0) == 1:
+        tl.store(State, 1 - parity)
+    elif tl.atomic_add(State + 1, 1, sem=COUNTER_SEM, scope="gpu") == tl.num_programs(0) - 1:
         tl.store(State, 1 - parity)
         tl.store(State + 1, 0)
 
@@ -129,6 +133,8 @@ class SymmAllReduce:
         self.deltas = {size: torch.tensor([(b - mine) // size for b in bases], dtype=torch.int64,
                                           device=buffer.device) for size in (2, 4)}
         self.state = torch.zeros(2, dtype=torch.int32, device=buffer.device)   # next call's half, programs done
+        self.num_warps: int | None = None       # None: fused_kernels.num_warps_for (bench_all_reduce tunes these)
+        self.counter_sem = "relaxed"
 
     @staticmethod
     def nbytes(world: int) -> int:
@@ -201,7 +207,8 @@ class SymmAllReduce:
         _one_shot_kernel[(T,)](x, x.stride(0), res, res.stride(0), w, out, out.stride(0), self.region[size],
                                self.deltas[size], self.state, N, MAX_BYTES // size, eps,
                                RANK=self.rank, WORLD=self.world, SENTINEL=SENTINEL[size], ADD_NORM=add_norm,
-                               BLOCK=BLOCK, WATCHDOG=x.is_cuda, num_warps=num_warps_for(BLOCK))
+                               BLOCK=BLOCK, WATCHDOG=x.is_cuda, COUNTER_SEM=self.counter_sem,
+                               num_warps=self.num_warps or num_warps_for(BLOCK))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over ranks, as a new tensor of x's shape (x is left as it was)."""

@@ -97,13 +97,13 @@ bits = "*i16" if dtype != "fp32" else "*i32"
 sig = {"X": ptr, "stride_x": "i32", "Res": ptr, "stride_r": "i32", "W": ptr, "Out": ptr, "stride_o": "i32",
        "Buf": bits, "Deltas": "*i64", "State": "*i32", "N": "i32", "cap": "i32", "eps": "fp32",
        "RANK": "constexpr", "WORLD": "constexpr", "SENTINEL": "constexpr", "ADD_NORM": "constexpr",
-       "BLOCK": "constexpr", "WATCHDOG": "constexpr"}
+       "BLOCK": "constexpr", "WATCHDOG": "constexpr", "COUNTER_SEM": "constexpr"}
 sentinel = -32768 if dtype != "fp32" else -2147483648
 # What a real launch compiles: pointers and ints divisible by 16 are specialised as such.
 aligned = [i for i, (k, v) in enumerate(sig.items()) if v.startswith("*") or k in ("stride_x", "stride_r", "stride_o", "N", "cap")]
 src = ASTSource(fn=_one_shot_kernel, signature=sig, attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
                 constexprs={"RANK": 1, "WORLD": 2, "SENTINEL": sentinel, "ADD_NORM": add_norm, "BLOCK": 4096,
-                            "WATCHDOG": True})
+                            "WATCHDOG": True, "COUNTER_SEM": "relaxed"})
 print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16}).asm["ptx"])
 """
 
@@ -122,3 +122,5 @@ def test_kernel_compiles_for_hopper(dtype, add_norm):
     ptx = run.stdout
     assert "ld.volatile.global.v4" in ptx and "st.global.v4" in ptx      # 16-byte polls and peer stores
     assert "%globaltimer" in ptx and "trap;" in ptx                      # the watchdog
+    assert "atom.global.gpu.relaxed.add" in ptx or "atom.relaxed.gpu.global.add" in ptx, \
+        [ln for ln in ptx.splitlines() if "atom" in ln]                   # no fence behind the counter
