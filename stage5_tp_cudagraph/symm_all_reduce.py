@@ -123,6 +123,7 @@ def _one_shot_kernel(X, stride_x, Res, stride_r, W, Out, stride_o, Buf, Deltas, 
 class SymmAllReduce:
     """buffer: this rank's symmetric buffer (uint8 [nbytes(world)]), filled by `fill_empty`
     before any rank's first call; bases: every rank's buffer address, in rank order."""
+    set_up_in_this_process = False      # at most one rendezvous per process (see try_create)
 
     def __init__(self, buffer: torch.Tensor, bases: list[int], rank: int, world: int):
         self.buffer, self.rank, self.world = buffer, rank, world
@@ -155,6 +156,13 @@ class SymmAllReduce:
         if device.type != "cuda":
             return None                                  # the same on every rank
         world, name, error, buffer = group.size(), group.group_name, None, None
+        if cls.set_up_in_this_process:
+            # torch's symmetric memory keeps per-process state under the group's name: a
+            # second group here (an Engine(tp=2) after a closed one, in one process) never
+            # finished its rendezvous on 2x H200. This rank says no, so every rank uses NCCL.
+            all_ok(False)
+            log.warning("one-shot all-reduce: set up once per process already; NCCL for this group")
+            return None
         try:
             from torch.distributed import _symmetric_memory as symm
             if hasattr(symm, "enable_symm_mem_for_group"):      # needed by older torch, harmless after
@@ -165,6 +173,7 @@ class SymmAllReduce:
         except Exception as e:  # noqa: BLE001 - any failure: NCCL only, and say so
             error = e
         if all_ok(error is None):
+            SymmAllReduce.set_up_in_this_process = True
             try:
                 handle = symm.rendezvous(buffer, name)          # collective: every rank maps every buffer
                 shift = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]   # our tensor in its allocation

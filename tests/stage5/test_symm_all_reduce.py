@@ -124,3 +124,21 @@ def test_kernel_compiles_for_hopper(dtype, add_norm):
     assert "%globaltimer" in ptx and "trap;" in ptx                      # the watchdog
     assert "atom.global.gpu.relaxed.add" in ptx or "atom.relaxed.gpu.global.add" in ptx, \
         [ln for ln in ptx.splitlines() if "atom" in ln]                   # no fence behind the counter
+
+
+def test_second_set_up_in_a_process_falls_back_to_nccl_on_every_rank(monkeypatch, caplog):
+    """A second group in one process (an Engine(tp=2) after a closed one) must not try the
+    symmetric-memory rendezvous again (it hung on GPUs): this rank votes "no" in the same
+    collective the first set-up starts with, so every rank agrees on NCCL, and nothing
+    touches the device."""
+    votes = []
+
+    class Group:
+        group_name = "0"
+
+        def size(self):
+            return 2
+    monkeypatch.setattr(SymmAllReduce, "set_up_in_this_process", True)
+    ar = SymmAllReduce.try_create(Group(), torch.device("cuda", 0), lambda ok: votes.append(ok) or False)
+    assert ar is None and votes == [False]
+    assert "once per process" in caplog.text
