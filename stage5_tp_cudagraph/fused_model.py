@@ -18,7 +18,8 @@ What differs from stage 1, per layer (~12 launches instead of ~65):
     (fused_kernels.py). The four projections call gemv.linear: a Triton matrix-vector
     kernel for one token (batch-1 decode), cuBLAS otherwise. The modules stay for their
     weights (and weight loaders); forward reads `.weight`, which under TP is this rank's
-    shard, so o_proj/down_proj give the partial sums the next norm all-reduces. The residual stream is carried between layers, SGLang-style:
+    shard, so o_proj/down_proj give the partial sums the next norm all-reduces.
+    The residual stream is carried between layers, SGLang-style:
     each layer returns (sublayer output, residual) and the next norm adds them. Under TP
     that norm also does the all-reduce of the row-parallel output (symm_all_reduce.py).
 Stage 1 stays the readable reference; tests/stage5/test_fused_model.py checks the two agree.

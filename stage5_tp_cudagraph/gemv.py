@@ -6,7 +6,7 @@
 At batch 1 every projection of a decoder layer is a matrix-vector product: each weight
 byte is read once and used once, so its time is the weight's size over memory bandwidth.
 For these shapes cuBLAS picks kernels that leave bandwidth unused on the H200 (a split-K
-GEMM plus a separate reduce kernel, or too few thread blocks): 0.4-3.6 TB/s against the
+GEMM plus a separate reduce kernel, or too few thread blocks): 0.33-4.2 TB/s against the
 ~4.3 TB/s the memory gives, worst for the small matrices of Qwen3-0.6B and of TP shards
 (bench/bench_gemv.py measures both side by side). This kernel is the plain algorithm:
 
@@ -15,11 +15,11 @@ GEMM plus a separate reduce kernel, or too few thread blocks): 0.4-3.6 TB/s agai
       for each BLOCK_K-wide column tile k:  acc += W[rows, k] * x[k]     (elementwise)
       y[rows] = sum of acc over its columns                               (once, at the end)
 
-Thousands of small programs (N / 2) keep every SM's loads in flight with no split of K,
+N / 2 small programs (512-12288 for Qwen3) keep the SMs' loads in flight with no split of K,
 so no second kernel and no atomics; the accumulation is float32 and y is rounded once,
-as cuBLAS does. `linear` takes this path for one row of bf16/fp16 on a GPU (the decode
-step at batch 1, replayed from a CUDA graph or not) and F.linear everywhere else: prefill
-and batches > 1 (tensor cores pay there), fp32, CPU.
+as cuBLAS does. `linear` takes this path for one row of bf16/fp16 on a GPU without autograd (the
+decode step at batch 1, replayed from a CUDA graph or not) and F.linear everywhere else:
+prefill and batches > 1 (tensor cores pay there), fp32, CPU, training.
 """
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight), by the GEMV kernel for one bf16/fp16 row on a GPU."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) \
-            and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1:
+            and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1 \
+            and weight.numel() > 0 and not torch.is_grad_enabled():      # the kernel has no backward
         return gemv(x, weight)
     return F.linear(x, weight)

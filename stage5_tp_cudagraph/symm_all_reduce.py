@@ -156,16 +156,17 @@ class SymmAllReduce:
         if device.type != "cuda":
             return None                                  # the same on every rank
         world, name, error, buffer = group.size(), group.group_name, None, None
-        if cls.set_up_in_this_process:
-            # torch's symmetric memory keeps per-process state under the group's name: a
-            # second group here (an Engine(tp=2) after a closed one, in one process) never
-            # finished its rendezvous on 2x H200. This rank says no, so every rank uses NCCL.
-            all_ok(False)
-            log.warning("one-shot all-reduce: set up once per process already; NCCL for this group")
+        # At most one set-up per process, agreed before anything is allocated: a second group
+        # here (an Engine(tp=2) after a closed one) never finished its rendezvous on 2x H200,
+        # probably because torch keeps per-process symmetric-memory state under the group's
+        # name, which a new default group reuses. Then every rank uses NCCL for it.
+        if not all_ok(not cls.set_up_in_this_process):
+            log.warning("one-shot all-reduce: set up once per process already (here or on a peer); "
+                        "NCCL for this group")
             return None
         try:
             from torch.distributed import _symmetric_memory as symm
-            if hasattr(symm, "enable_symm_mem_for_group"):      # needed by older torch, harmless after
+            if hasattr(symm, "enable_symm_mem_for_group"):      # needed by older torch; deprecated later
                 symm.enable_symm_mem_for_group(name)
             buffer = symm.empty(cls.nbytes(world), dtype=torch.uint8, device=device)
             cls.fill_empty(buffer, world)                       # empty before any peer can write

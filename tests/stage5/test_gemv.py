@@ -19,9 +19,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
-def case(N, K, dtype, device, seed=0, x_stride_pad=0):
+def case(N, K, dtype, device, seed=0, x_stride_pad=0, w_stride_pad=0):
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(N, K, generator=g) * 0.05).to(dtype=dtype, device=device)
+    w = (torch.randn(N, K + w_stride_pad, generator=g) * 0.05).to(dtype=dtype, device=device)[:, :K]
     x = torch.randn(1, K + x_stride_pad, generator=g).to(dtype=dtype, device=device)[:, :K]
     return x, w
 
@@ -40,6 +40,7 @@ def check(N, K, dtype, device, **kw):
 @pytest.mark.parametrize("N,K", [(1, 16), (5, 40), (64, 512), (7, 1500), (33, 2048)])
 def test_gemv_small(N, K, dtype):
     check(N, K, dtype, DEV)
+    check(N, K, dtype, DEV, seed=1, w_stride_pad=24)        # weight rows are a view: stride(0) != K
 
 
 def test_gemv_rejects_bad_layout():
@@ -53,11 +54,17 @@ def test_gemv_rejects_bad_layout():
 def test_linear_uses_the_kernel_only_for_one_16bit_gpu_row(monkeypatch):
     calls = []
     monkeypatch.setattr(gv, "gemv", lambda x, w: calls.append(x.shape) or F.linear(x, w))
-    for rows, dtype in ((1, torch.float32), (2, torch.float16), (1, torch.float16)):
-        x, w = case(8, 32, dtype, DEV)
-        x = x.expand(rows, -1).contiguous()
-        torch.testing.assert_close(gv.linear(x, w), F.linear(x, w))
-    # only the last case (one fp16 row) qualifies, and only on a GPU
+    with torch.inference_mode():                                       # as the engine runs
+        for rows, dtype in ((1, torch.float32), (2, torch.float16), (1, torch.float16)):
+            x, w = case(8, 32, dtype, DEV)
+            x = x.expand(rows, -1).contiguous()
+            torch.testing.assert_close(gv.linear(x, w), F.linear(x, w))
+        x, w = case(8, 32, torch.float16, DEV)
+        torch.testing.assert_close(gv.linear(x, w.t().contiguous().t()), F.linear(x, w))   # column-major
+    x, w = case(8, 32, torch.float16, DEV)
+    w.requires_grad_(True)
+    assert gv.linear(x, w).requires_grad                              # autograd on: F.linear, backward works
+    # only the one-fp16-row, row-major, no-grad case qualifies, and only on a GPU
     assert calls == ([(1, 32)] if HAS_CUDA else [])
 
 
@@ -79,14 +86,18 @@ def test_gemv_gpu(shape, dtype):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gemv_replays_in_a_cuda_graph():
+def test_gemv_replays_in_a_cuda_graph(monkeypatch):
     x, w = case(3072, 4096, torch.bfloat16, "cuda")
     gv.gemv(x, w)                                           # compile outside the capture
+    kernel = gv.gemv
+    monkeypatch.setattr(gv, "gemv", lambda *a: calls.append(1) or kernel(*a))
+    calls = []
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), torch.inference_mode():
         y = gv.linear(x, w)
     for seed in (1, 2):
         x.copy_(case(3072, 4096, torch.bfloat16, "cuda", seed=seed)[0])
         graph.replay()
         torch.testing.assert_close(y.float(), F.linear(x, w).float(), atol=3e-2, rtol=2e-2)
+    assert calls == [1]                                     # the graph holds the GEMV, not cuBLAS

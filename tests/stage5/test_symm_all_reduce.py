@@ -122,15 +122,15 @@ def test_kernel_compiles_for_hopper(dtype, add_norm):
     ptx = run.stdout
     assert "ld.volatile.global.v4" in ptx and "st.global.v4" in ptx      # 16-byte polls and peer stores
     assert "%globaltimer" in ptx and "trap;" in ptx                      # the watchdog
+    assert "fence" not in ptx and "membar" not in ptx                   # nothing waits on NVLink stores
     assert "atom.global.gpu.relaxed.add" in ptx or "atom.relaxed.gpu.global.add" in ptx, \
         [ln for ln in ptx.splitlines() if "atom" in ln]                   # no fence behind the counter
 
 
 def test_second_set_up_in_a_process_falls_back_to_nccl_on_every_rank(monkeypatch, caplog):
     """A second group in one process (an Engine(tp=2) after a closed one) must not try the
-    symmetric-memory rendezvous again (it hung on GPUs): this rank votes "no" in the same
-    collective the first set-up starts with, so every rank agrees on NCCL, and nothing
-    touches the device."""
+    symmetric-memory rendezvous again (it hung on GPUs): this rank votes "no" in the first
+    collective of the set-up, before anything is allocated, so every rank agrees on NCCL."""
     votes = []
 
     class Group:
@@ -142,3 +142,9 @@ def test_second_set_up_in_a_process_falls_back_to_nccl_on_every_rank(monkeypatch
     ar = SymmAllReduce.try_create(Group(), torch.device("cuda", 0), lambda ok: votes.append(ok) or False)
     assert ar is None and votes == [False]
     assert "once per process" in caplog.text
+    # A fresh rank whose peer voted no stops at the same first vote (a second vote would
+    # mean it went on to allocate and rendezvous).
+    monkeypatch.setattr(SymmAllReduce, "set_up_in_this_process", False)
+    votes.clear()
+    assert SymmAllReduce.try_create(Group(), torch.device("cuda", 0), lambda ok: votes.append(ok) or False) is None
+    assert votes == [True]
