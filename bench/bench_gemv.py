@@ -63,7 +63,7 @@ def main(argv=None) -> None:
         print(json.dumps(dict(shape=name, N=N, K=K, weight_mb=round(mb, 1), cublas_us=round(cublas, 2),
                               triton_us=round(triton_us, 2), cublas_tb_s=round(mb / cublas, 2),
                               triton_tb_s=round(mb / triton_us, 2), speedup=round(cublas / triton_us, 3))), flush=True)
-        del weights
+        weights.clear()                                 # free before the next shape
 
 
 if __name__ == "__main__":
