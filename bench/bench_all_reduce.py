@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.common import parser
+from bench.common import graph_replay_ms, parser
 
 
 def build_parser():
@@ -46,21 +46,9 @@ def time_calls(tp, x, residual, weight, args) -> float:
     def chain():
         for _ in range(args.calls):
             tp.all_reduce_add_rmsnorm(x, residual, weight, 1e-6)
-    chain()                                  # eager warm-up: compiles, NCCL's first-call set-up
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
-    graph.replay()
-    torch.cuda.synchronize()
-    dist.barrier(group=tp.cpu_group)        # start together: the first call must not time the peer's lag
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (args.iters * args.calls)
+    # start together: the first replay must not time the peer's lag
+    ms = graph_replay_ms(chain, args.iters, before_timing=lambda: dist.barrier(group=tp.cpu_group))
+    return ms * 1e3 / args.calls
 
 
 def rank_main(rank: int, args, addr: str) -> None:

@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from bench.common import parser
+from bench.common import graph_replay_ms, parser
 
 SHAPES = {  # name: (N, K) of the weight
     "0.6b qkv": (4096, 1024), "0.6b o": (1024, 2048), "0.6b gate_up": (6144, 1024), "0.6b down": (1024, 3072),
@@ -31,23 +31,6 @@ def build_parser():
     return ap
 
 
-def us_per_launch(fn, layers: int, iters: int) -> float:
-    fn()                                                # compile / pick the cuBLAS kernel
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (iters * layers)
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     assert torch.cuda.is_available(), "bench_gemv needs a CUDA GPU"
@@ -57,8 +40,9 @@ def main(argv=None) -> None:
         weights = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(args.layers)]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(1, N, device="cuda", dtype=torch.bfloat16)
-        cublas = us_per_launch(lambda: [torch.matmul(x, w.t(), out=out) for w in weights], args.layers, args.iters)
-        triton_us = us_per_launch(lambda: [gemv(x, w) for w in weights], args.layers, args.iters)
+        per_launch = 1e3 / args.layers                  # ms per graph -> us per launch
+        cublas = graph_replay_ms(lambda: [torch.matmul(x, w.t(), out=out) for w in weights], args.iters) * per_launch
+        triton_us = graph_replay_ms(lambda: [gemv(x, w) for w in weights], args.iters) * per_launch
         mb = N * K * 2 / 1e6
         print(json.dumps(dict(shape=name, N=N, K=K, weight_mb=round(mb, 1), cublas_us=round(cublas, 2),
                               triton_us=round(triton_us, 2), cublas_tb_s=round(mb / cublas, 2),

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.common import add_engine_flags, parser
+from bench.common import add_engine_flags, graph_replay_ms, parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,18 +101,7 @@ def gemm_chain_ms(model, batch: int, iters: int = 50) -> float:
     def chain():
         for w, out in zip(weights, outputs):
             torch.matmul(inputs[w.shape[1]], w.t(), out=out)
-    chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / iters
+    return graph_replay_ms(chain, iters)
 
 
 def prefill_report(engine, n: int, peak_tflops: float) -> dict:

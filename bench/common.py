@@ -2,6 +2,7 @@
 
     ap, add = parser(__doc__)      # add("--flag_name", ...) also accepts --flag-name
     add_engine_flags(add)          # model, weights, device, dtype, backend, KV size, stage 5
+    ms = graph_replay_ms(fn, iters)   # GPU: fn captured in a CUDA graph, ms per replay
 """
 from __future__ import annotations
 
@@ -39,3 +40,27 @@ def add_engine_flags(add) -> None:
     add("--cuda_graph_max_bs", type=int, default=None, help="stage 5: largest graph-replayed batch")
     add("--tp", type=int, default=1, help="stage 5: tensor-parallel ranks (one GPU each; spawned by the Engine)")
     add("--disable_custom_all_reduce", action="store_true", help="stage 5, TP: NCCL for every all-reduce")
+
+
+def graph_replay_ms(fn, iters: int, before_timing=None) -> float:
+    """Capture fn() in one CUDA graph and return the milliseconds per replay over `iters`
+    replays (CUDA events). One eager call first (Triton compiles, cuBLAS and NCCL set-up)
+    and one replay untimed; `before_timing()` runs just before the clock starts (a barrier
+    between ranks, say)."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    if before_timing is not None:
+        before_timing()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
