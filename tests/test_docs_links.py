@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_DIRS = {".git", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis"}
+SKIP_DIRS = {".git", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis", ".venv", "venv"}
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 # Built from pieces so that this file does not match itself.
 OUTSIDE = re.compile("|".join([r"\bDESIGN" + r"\.md", r"\.\./" + "shared", r"\bshared" + "/",
@@ -23,8 +24,20 @@ OUTSIDE = re.compile("|".join([r"\bDESIGN" + r"\.md", r"\.\./" + "shared", r"\bs
 PENDING: set[str] = set()
 
 
+def candidate_files() -> list[Path]:
+    """The repository's own files: in a git checkout, tracked or new but never ignored (so a
+    virtualenv, build outputs or local scratch inside the tree are not read); elsewhere
+    (an unpacked archive) every file outside SKIP_DIRS."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+        return [ROOT / name for name in listed.decode().split("\0") if name]
+    except (OSError, subprocess.SubprocessError):
+        return list(ROOT.rglob("*"))
+
+
 def repo_files(*suffixes: str) -> list[Path]:
-    return sorted(p for p in ROOT.rglob("*") if p.suffix in suffixes and p.is_file()
+    return sorted(p for p in candidate_files() if p.suffix in suffixes and p.is_file()
                   and not SKIP_DIRS & set(p.relative_to(ROOT).parts)
                   and not any(part.endswith(".egg-info") for part in p.parts))
 
