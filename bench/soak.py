@@ -138,7 +138,7 @@ def rss_mb(pid: int) -> float | None:
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:                                   # the process exited meanwhile
-        return None
+        pass
     return None
 
 

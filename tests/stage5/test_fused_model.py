@@ -51,6 +51,20 @@ def test_merged_weights_are_the_checkpoint_tensors(trio):
 
 
 @torch.inference_mode()
+def test_projections_go_through_gemv_linear(trio, monkeypatch):
+    """Every projection of every layer calls gemv.linear (which picks the batch-1 GEMV on a
+    GPU): 4 per layer, with the module's own (sharded) weight, and nothing else does."""
+    from stage5_tp_cudagraph import fused_model
+    cfg, _, _, fused = trio
+    seen = []
+    real = fused_model.linear
+    monkeypatch.setattr(fused_model, "linear", lambda x, w: seen.append(w) or real(x, w))
+    forward_logits(fused, [1, 2, 3])
+    projections = [m.weight for layer in fused.model.layers
+                   for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    assert len(seen) == 4 * cfg.num_hidden_layers and all(a is b for a, b in zip(seen, projections))
+
+
 def test_logits_match_stage1_and_hf(trio):
     cfg, hf, ref, fused = trio
     for prompt in random_prompts(cfg.vocab_size, [1, 6, 19], seed=1):   # odd lengths
