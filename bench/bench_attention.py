@@ -101,8 +101,8 @@ def triton_variants(args):
     """Triton kernel settings to sweep: dicts of triton_kernels module constants + splits."""
     from stage2_runner import triton_kernels as tk
     grid = itertools.product(args.splits, args.block_n or [tk.DECODE_BLOCK_N],
-                             args.num_warps or [tk.NUM_WARPS], args.num_stages or [tk.NUM_STAGES])
-    return [dict(splits=s, DECODE_BLOCK_N=n, NUM_WARPS=w, NUM_STAGES=st) for s, n, w, st in grid]
+                             args.num_warps or [tk.NUM_WARPS], args.num_stages or [tk.DECODE_NUM_STAGES])
+    return [dict(splits=s, DECODE_BLOCK_N=n, NUM_WARPS=w, DECODE_NUM_STAGES=st) for s, n, w, st in grid]
 
 
 def make_fn(name: str, p: Point, variant: dict | None):
@@ -112,7 +112,7 @@ def make_fn(name: str, p: Point, variant: dict | None):
     H, D = p.q.shape[1:]
     KVH = p.pool.k_buffers[0].shape[1]
     if name.startswith("triton"):
-        for key in ("DECODE_BLOCK_N", "NUM_WARPS", "NUM_STAGES"):
+        for key in ("DECODE_BLOCK_N", "NUM_WARPS", "DECODE_NUM_STAGES"):
             setattr(tk, key, variant[key])          # read by decode_attention at launch time
         be = attn.TritonBackend(p.pool, H, KVH, D, num_kv_splits=variant["splits"])
         return lambda: be.attend(p.q, 0, p.batch_info)
@@ -141,7 +141,7 @@ def label(name: str, variant: dict | None, many: bool) -> str:
     if not variant or not many:
         return name
     v = variant
-    return f"{name} s{v['splits']} n{v['DECODE_BLOCK_N']} w{v['NUM_WARPS']} st{v['NUM_STAGES']}"
+    return f"{name} s{v['splits']} n{v['DECODE_BLOCK_N']} w{v['NUM_WARPS']} st{v['DECODE_NUM_STAGES']}"
 
 
 def run(args) -> list[dict]:

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(f"--min_{side}_len", type=int, default=None, help=f"override --min_len for {side}s")
         add(f"--max_{side}_len", type=int, default=None, help=f"override --max_len for {side}s")
     add("--seed", type=int, default=0)
+    add("--trace_path", default=None, help="one JSON line per scheduler step (stage3_scheduler/trace.py): "
+        "where the run's time goes; draw it with python -m stage3_scheduler.plot_trace")
     add("--hf_batch", type=int, default=64, help="static batch size of the HF baseline")
     add("--skip_hf", action="store_true", help="skip the HF transformers baseline")
     add("--shared_prefix", type=int, nargs=3, metavar=("N_GROUPS", "PREFIX_LEN", "Q_LEN"), default=None,
@@ -84,7 +86,7 @@ def engine_class():
 
 def make_engine(args, **override):
     keys = ("load_format", "device", "dtype", "attention_backend", "max_total_tokens", "gpu_memory_utilization",
-            "max_running_requests", "chunked_prefill_size", "page_size", "schedule_policy", "disable_radix_cache")
+            "max_running_requests", "chunked_prefill_size", "page_size", "schedule_policy", "disable_radix_cache", "trace_path")
     opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     opts.update(override)
     cls, name = engine_class()

@@ -147,6 +147,11 @@ def apply_grammar_mask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.
 
 
 def sample(logits: torch.Tensor, info: SamplingInfo) -> SampleOutput:
+    if info.all_greedy and not (info.need_logprobs or info.top_logprobs_num) and info.logit_bias is None \
+            and info.output_counts is None and info.grammar_mask is None:
+        # Plain greedy: argmax of the model's own dtype. bf16 -> fp32 is exact, so this is the
+        # same token, without a float32 copy of [B, V] (~0.1 ms at B = 256, V = 152k on an H200).
+        return SampleOutput(logits.argmax(-1), None, None, None)
     logits = logits.float()
     if info.logit_bias is not None:                 # OpenAI's logit_bias: added to the raw logits
         rows, toks, bias = info.logit_bias
