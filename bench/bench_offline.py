@@ -189,8 +189,35 @@ def run_hf(hf, prompts, out_lens, batch: int, device) -> dict:
     return dict(time_s=time.perf_counter() - t0, output_tokens=sum(out_lens), first_tokens=first)
 
 
+# ---- the limit ------------------------------------------------------------------------
+def decode_bytes(runner, prompts, out_lens) -> int:
+    """Bytes the decode steps must read at least: every weight once per step (the embedding
+    table only where the LM head shares it; otherwise it is only indexed) and, per request
+    and step, its whole K/V. A request with n output tokens runs n - 1 decode steps, over
+    contexts len(prompt) + 1 .. len(prompt) + n - 1. Prefill is left out (compute-bound)."""
+    tied = getattr(runner.config, "tie_word_embeddings", False)
+    weights = sum(p.numel() * p.element_size() for name, p in runner.model.named_parameters()
+                  if tied or "embed_tokens" not in name)
+    pool = runner.pool
+    kv_per_token = sum(b[0].numel() * b.element_size() for b in (*pool.k_buffers, *pool.v_buffers))
+    kv_tokens = sum((n - 1) * len(p) + (n - 1) * n // 2 for p, n in zip(prompts, out_lens))
+    return (max(out_lens) - 1) * weights + kv_tokens * kv_per_token
+
+
+def bandwidth_bound(runner, prompts, out_lens) -> dict:
+    """Decode's memory traffic over a device-to-device copy's bandwidth measured now: a time
+    no engine can beat on this GPU (it ignores prefill, sampling and every launch)."""
+    if runner.device.type != "cuda":
+        return {}
+    from bench.bench_attention import measure_copy_bandwidth
+    bw = measure_copy_bandwidth(2.0)
+    seconds = decode_bytes(runner, prompts, out_lens) / bw
+    return dict(bound_time_s=round(seconds, 3), bound_tok_s=round(sum(out_lens) / seconds, 1),
+                copy_tb_s=round(bw / 1e12, 3))
+
+
 # ---- main ---------------------------------------------------------------------------
-def report(args, name: str, ours: dict, hf: dict | None, same_weights) -> None:
+def report(args, name: str, ours: dict, hf: dict | None, same_weights, bound: dict) -> None:
     tps = ours["output_tokens"] / ours["time_s"]
     hf_tps = hf["output_tokens"] / hf["time_s"] if hf else None
     agree = sum(a == b for a, b in zip(ours["first_tokens"], hf["first_tokens"])) / len(ours["first_tokens"]) \
@@ -208,7 +235,10 @@ def report(args, name: str, ours: dict, hf: dict | None, same_weights) -> None:
                           output_tok_s=round(tps, 2), retractions=ours["retractions"],
                           hf_time_s=hf and round(hf["time_s"], 3), hf_output_tok_s=hf_tps and round(hf_tps, 2),
                           speedup=hf and round(tps / hf_tps, 3), same_weights=same_weights,
-                          first_token_agreement=agree)))
+                          first_token_agreement=agree, **bound)))
+    if bound:
+        print(f"decode bandwidth bound: {bound['bound_time_s']:.2f} s = {bound['bound_tok_s']:.0f} tok/s at "
+              f"{bound['copy_tb_s']:.2f} TB/s (copy); this run reached {tps / bound['bound_tok_s']:.0%} of it")
 
 
 def main(argv=None) -> None:
@@ -230,7 +260,7 @@ def main(argv=None) -> None:
     prompts, out_lens = random_workload(args, eng.runner.config.vocab_size)
     ours = run_engine(eng, prompts, out_lens, f"{name} Engine")
     same = None if hf_fp is None else abs(weights_fingerprint(eng.runner.model) - hf_fp) <= 1e-6 * abs(hf_fp)
-    report(args, name, ours, hf_result, same)
+    report(args, name, ours, hf_result, same, bandwidth_bound(eng.runner, prompts, out_lens))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     max_running_requests: int = RunnerArgs.max_running_requests
     context_length: int | None = None
-    chunked_prefill_size: int = SchedulerArgs.chunked_prefill_size
+    chunked_prefill_size: int | None = SchedulerArgs.chunked_prefill_size
     max_prefill_tokens: int = SchedulerArgs.max_prefill_tokens
     schedule_policy: str = SchedulerArgs.schedule_policy
     disable_radix_cache: bool = False
@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "seed", "random_seed", type=int, default=d.seed)
     g = p.add_argument_group("scheduler")
     _flag(g, "schedule_policy", default=d.schedule_policy, choices=["fifo", "cache_aware", *POLICY_ALIASES])
-    _flag(g, "chunked_prefill_size", type=int, default=d.chunked_prefill_size, help="<= 0: no chunking")
+    _flag(g, "chunked_prefill_size", type=int, default=d.chunked_prefill_size,
+          help="longest prefill chunk in tokens, <= 0: no chunking (default: 8192 on a GPU of >= 60 GiB, "
+          "4096 of >= 35 GiB, else 2048)")
     _flag(g, "max_prefill_tokens", type=int, default=d.max_prefill_tokens, help="new tokens per extend batch")
     _flag(g, "disable_radix_cache", action="store_true", help="no prefix cache")
     _flag(g, "trace_path", default=None, help="write one JSON line per scheduler step here")

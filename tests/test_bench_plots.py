@@ -141,3 +141,18 @@ def test_profile_step_smoke_on_cpu(tiny_model_dir, tmp_path):
     assert summary["grouped_ms"]["gemm"] > 0 and summary["grouped_ms"]["communication"] == 0
     total = sum(summary["grouped_ms"].values()) + summary["gap_ms"]
     assert total == pytest.approx(summary["prof_step_ms"], abs=1e-3)
+
+
+@pytest.mark.stage3
+def test_offline_bound_counts_weights_per_step_and_each_context():
+    """bench_offline's decode bytes: a request with n outputs runs n - 1 decode steps over
+    contexts prompt + 1 .. prompt + n - 1; weights are read once per step of the longest."""
+    from bench.bench_offline import decode_bytes
+    from stage3_scheduler.engine import Engine
+    runner = Engine(model="demo", device="cpu", max_total_tokens=256).runner
+    tied = runner.config.tie_word_embeddings
+    weights = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
+                  if tied or "embed_tokens" not in n)
+    kv = sum(b[0].numel() * b.element_size() for b in (*runner.pool.k_buffers, *runner.pool.v_buffers))
+    assert decode_bytes(runner, [[1] * 10, [2] * 5], [3, 1]) == 2 * weights + (11 + 12) * kv
+    assert decode_bytes(runner, [[1] * 10], [1]) == 0                 # first token only: no decode

@@ -87,3 +87,17 @@ def test_seeded_sampling_is_batch_independent(tiny_model_dir):
     alone = eng.generate(input_ids=p[0], sampling_params=sp)["output_ids"]
     together = eng.generate(input_ids=p, sampling_params=sp)[0]["output_ids"]
     assert alone == together
+
+
+def test_default_chunk_size_follows_the_device(monkeypatch):
+    """None means: 2048 on CPU; on a GPU, by its memory (8192 from 60 GiB, 4096 from 35 GiB)."""
+    from types import SimpleNamespace
+    import torch
+    from stage3_scheduler.scheduler import SchedulerArgs, default_chunked_prefill_size
+    assert SchedulerArgs().chunked_prefill_size is None
+    assert default_chunked_prefill_size("cpu") == 2048
+    assert engine_for("demo", max_total_tokens=256).scheduler.args.chunked_prefill_size == 2048
+    for gib, want in ((141, 8192), (80, 8192), (48, 4096), (24, 2048)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d, gib=gib: SimpleNamespace(total_memory=gib * 2**30))
+        assert default_chunked_prefill_size("cuda") == want
