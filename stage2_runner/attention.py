@@ -70,7 +70,7 @@ class TritonBackend(AttentionBackend):
         self.workspace = tk.alloc_decode_workspace(max_batch, num_heads, num_kv_splits, head_dim, device=dev)
 
     def splits_for(self, batch_size: int) -> int:
-        """KV splits per request: enough (request, KV head, split) programs for ~4 waves over
+        """KV splits per request: enough (KV head, request, split) programs for ~4 waves over
         the SMs, no more: a big batch fills the GPU by itself and extra splits are only
         empty programs (at 64 x 8 x 16 they cost more than the attention). Depends on the
         batch size only, so a captured graph keeps its grid."""

@@ -1,6 +1,9 @@
 """Batched sampling with per-request parameters.
 
-    sample(logits [B, V] float32, info) -> SampleOutput(tokens [B], logprobs [B], top ...)
+    sample(logits [B, V] any float dtype, info) -> SampleOutput(tokens [B], logprobs [B], top ...)
+
+Plain greedy batches (no logprobs, bias, penalty or grammar) take the argmax of the logits
+as they are; everything else works on a float32 copy.
 
 Order of operations, per row: logit_bias, then penalties, on raw logits -> grammar mask (rows
 with a grammar only: forbidden tokens -> -inf) -> (greedy rows: argmax) ->
