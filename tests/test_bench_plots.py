@@ -156,3 +156,22 @@ def test_offline_bound_counts_weights_per_step_and_each_context():
     kv = sum(b[0].numel() * b.element_size() for b in (*runner.pool.k_buffers, *runner.pool.v_buffers))
     assert decode_bytes(runner, [[1] * 10, [2] * 5], [3, 1]) == 2 * weights + (11 + 12) * kv
     assert decode_bytes(runner, [[1] * 10], [1]) == 0                 # first token only: no decode
+
+
+@pytest.mark.stage3
+def test_offline_plot_medians_same_run_ratio_and_filter(tmp_path, capsys):
+    from bench import plot_offline
+    runs = [dict(model="m", output_tok_s=100.0, hf_output_tok_s=10.0, bound_tok_s=200.0, chunk=1),
+            dict(model="m", output_tok_s=300.0, hf_output_tok_s=None, bound_tok_s=200.0, chunk=1),
+            dict(model="m", output_tok_s=200.0, hf_output_tok_s=None, bound_tok_s=400.0, chunk=1),
+            dict(model="m", output_tok_s=999.0, hf_output_tok_s=None, bound_tok_s=1.0, chunk=2)]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("some log line\n" + "\n".join(json.dumps(r) for r in runs) + "\n")
+    s = plot_offline.summary(plot_offline.load([str(path)], ["chunk=1"])["m"])
+    assert (s["runs"], s["ours"], s["lo"], s["hi"], s["hf"], s["bound"]) == (3, 200.0, 100.0, 300.0, 10.0, 200.0)
+    assert s["speedup"] == 10.0                  # 100 / 10 from the one run with both, not 200 / 10
+    plot_offline.main([str(path), "--where", "chunk=1", "--out", str(tmp_path / "o.png")])
+    assert "| m | 3 | 10 | 200 (100-300) | 10.0x | 200 | 100% |" in capsys.readouterr().out
+    assert (tmp_path / "o.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no bench_offline runs"):
+        plot_offline.load([str(path)], ["chunk=3"])
