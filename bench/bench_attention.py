@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--splits", type=ints, default=[16], help="triton: comma list of num_kv_splits to sweep")
     add("--block_n", type=ints, default=None, help="triton: comma list of DECODE_BLOCK_N to sweep")
     add("--num_warps", type=ints, default=None, help="triton: comma list of num_warps to sweep")
-    add("--num_stages", type=ints, default=None, help="triton: comma list of num_stages to sweep")
+    add("--num_stages", type=ints, default=None, help="triton: comma list of DECODE_NUM_STAGES to sweep")
     add("--copy_gib", type=float, default=4.0, help="size of the copy-bandwidth reference tensor")
     add("--seed", type=int, default=0)
     return ap

@@ -86,7 +86,8 @@ def engine_class():
 
 def make_engine(args, **override):
     keys = ("load_format", "device", "dtype", "attention_backend", "max_total_tokens", "gpu_memory_utilization",
-            "max_running_requests", "chunked_prefill_size", "page_size", "schedule_policy", "disable_radix_cache", "trace_path")
+            "max_running_requests", "chunked_prefill_size", "page_size", "schedule_policy", "disable_radix_cache",
+            "trace_path")
     opts = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     opts.update(override)
     cls, name = engine_class()
@@ -204,20 +205,30 @@ def decode_bytes(runner, prompts, out_lens) -> int:
     return (max(out_lens) - 1) * weights + kv_tokens * kv_per_token
 
 
-def bandwidth_bound(runner, prompts, out_lens) -> dict:
-    """Decode's memory traffic over a device-to-device copy's bandwidth measured now: a time
-    no engine can beat on this GPU (it ignores prefill, sampling and every launch)."""
-    if runner.device.type != "cuda":
-        return {}
+def copy_bandwidth(device) -> float | None:
+    """Device-to-device copy bandwidth (read + write bytes / s), measured before the engine
+    takes its KV pool; None off the GPU."""
+    if torch.device(device).type != "cuda":
+        return None
     from bench.bench_attention import measure_copy_bandwidth
     bw = measure_copy_bandwidth(2.0)
+    free_memory()
+    return bw
+
+
+def bandwidth_bound(runner, prompts, out_lens, bw: float | None) -> dict:
+    """Decode's memory traffic over the copy bandwidth of the same run: a time no engine can
+    beat on this GPU (it ignores prefill, sampling and every launch)."""
+    if bw is None:
+        return {}
     seconds = decode_bytes(runner, prompts, out_lens) / bw
     return dict(bound_time_s=round(seconds, 3), bound_tok_s=round(sum(out_lens) / seconds, 1),
                 copy_tb_s=round(bw / 1e12, 3))
 
 
 # ---- main ---------------------------------------------------------------------------
-def report(args, name: str, ours: dict, hf: dict | None, same_weights, bound: dict) -> None:
+def report(args, name: str, ours: dict, hf: dict | None, same_weights, extra: dict) -> None:
+    """The table row and one JSON line; `extra` (the bound, the chunk size) joins the JSON."""
     tps = ours["output_tokens"] / ours["time_s"]
     hf_tps = hf["output_tokens"] / hf["time_s"] if hf else None
     agree = sum(a == b for a, b in zip(ours["first_tokens"], hf["first_tokens"])) / len(ours["first_tokens"]) \
@@ -235,10 +246,10 @@ def report(args, name: str, ours: dict, hf: dict | None, same_weights, bound: di
                           output_tok_s=round(tps, 2), retractions=ours["retractions"],
                           hf_time_s=hf and round(hf["time_s"], 3), hf_output_tok_s=hf_tps and round(hf_tps, 2),
                           speedup=hf and round(tps / hf_tps, 3), same_weights=same_weights,
-                          first_token_agreement=agree, **bound)))
-    if bound:
-        print(f"decode bandwidth bound: {bound['bound_time_s']:.2f} s = {bound['bound_tok_s']:.0f} tok/s at "
-              f"{bound['copy_tb_s']:.2f} TB/s (copy); this run reached {tps / bound['bound_tok_s']:.0%} of it")
+                          first_token_agreement=agree, **extra)))
+    if extra.get("bound_tok_s"):
+        print(f"decode bandwidth bound: {extra['bound_time_s']:.2f} s = {extra['bound_tok_s']:.0f} tok/s at "
+              f"{extra['copy_tb_s']:.2f} TB/s (copy); this run reached {tps / extra['bound_tok_s']:.0%} of it")
 
 
 def main(argv=None) -> None:
@@ -256,11 +267,14 @@ def main(argv=None) -> None:
         hf_result = run_hf(hf, prompts, out_lens, args.hf_batch, args.device)
         del hf
         free_memory()
+    bw = copy_bandwidth(args.device)
     eng, name = make_engine(args)
     prompts, out_lens = random_workload(args, eng.runner.config.vocab_size)
     ours = run_engine(eng, prompts, out_lens, f"{name} Engine")
     same = None if hf_fp is None else abs(weights_fingerprint(eng.runner.model) - hf_fp) <= 1e-6 * abs(hf_fp)
-    report(args, name, ours, hf_result, same, bandwidth_bound(eng.runner, prompts, out_lens))
+    extra = dict(bandwidth_bound(eng.runner, prompts, out_lens, bw),
+                 chunked_prefill_size=eng.scheduler.args.chunked_prefill_size)
+    report(args, name, ours, hf_result, same, extra)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import torch
 
 from stage2_runner.model_runner import RunnerArgs
-from stage3_scheduler.scheduler import Scheduler
+from stage3_scheduler.scheduler import Scheduler, default_chunked_prefill_size
 from stage4_radix.engine import Engine as Stage4Engine
 from stage5_tp_cudagraph.overlap import OverlapScheduler
 from stage5_tp_cudagraph.parallel import destroy_tp, free_port, init_tp
@@ -79,6 +79,10 @@ class Engine(Stage4Engine):
         return GraphModelRunner(rargs, self.stage5, tp=self.tp)
 
     def make_scheduler(self, sargs):
+        if sargs.chunked_prefill_size is None and self.tp is not None:
+            # Every rank must cut the same chunks: the smallest default among their devices.
+            chunk = self.tp.min_int(default_chunked_prefill_size(self.runner.device))
+            sargs = replace(sargs, chunked_prefill_size=chunk)
         cls = Scheduler if self.stage5.disable_overlap else OverlapScheduler
         sched = cls(self.runner, sargs, self.cache, self.tokenizer)
         if self.tp is not None and self.tp.rank == 0:

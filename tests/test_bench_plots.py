@@ -1,6 +1,7 @@
-"""The benchmark pictures: bench/plot_serving.py (TTFT/ITL percentiles of bench_serving runs)
-and bench/plot_step.py (a decode step's kernel time by kind). Inputs are made here, with
-known answers; matplotlib is installed by the dev extra that CI uses."""
+"""The benchmark pictures: bench/plot_serving.py (TTFT/ITL percentiles of bench_serving runs),
+bench/plot_step.py (a decode step's kernel time by kind), bench/plot_offline.py (offline
+throughput vs HF and the bound), and bench_offline's decode-bytes bound itself. Inputs are
+made here, with known answers; matplotlib is installed by the dev extra that CI uses."""
 from __future__ import annotations
 
 import json
@@ -153,7 +154,8 @@ def test_offline_bound_counts_weights_per_step_and_each_context():
     tied = runner.config.tie_word_embeddings
     weights = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters()
                   if tied or "embed_tokens" not in n)
-    kv = sum(b[0].numel() * b.element_size() for b in (*runner.pool.k_buffers, *runner.pool.v_buffers))
+    cfg = runner.config                   # K and V, every layer, fp32 on CPU: from the config alone
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
     assert decode_bytes(runner, [[1] * 10, [2] * 5], [3, 1]) == 2 * weights + (11 + 12) * kv
     assert decode_bytes(runner, [[1] * 10], [1]) == 0                 # first token only: no decode
 

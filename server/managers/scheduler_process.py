@@ -179,7 +179,8 @@ def run_scheduler_process(server_args, endpoints, ready_conn, parent_pid: int) -
             leave_a_core(runner.device)
         info = dict(model_path=str(runner.model_path), context_length=runner.context_length,
                     vocab_size=runner.config.vocab_size, max_total_tokens=runner.pool.size,
-                    eos_token_ids=list(runner.eos_token_ids), device=str(runner.device), tp=server_args.tp)
+                    eos_token_ids=list(runner.eos_token_ids), device=str(runner.device), tp=server_args.tp,
+                    chunked_prefill_size=engine.scheduler.args.chunked_prefill_size)   # None resolved by device
     except Exception as e:  # noqa: BLE001 - any start-up failure is reported, then we exit
         log.exception("scheduler failed to start")
         ready_conn.send_bytes(io.encode(io.Ready("scheduler", error=f"{type(e).__name__}: {e}")))

@@ -28,21 +28,6 @@ def test_greedy_and_its_limits():
         assert torch.equal(sample(x, info(4, temperature=1.0, min_p=1.0)).tokens, greedy)
 
 
-def test_plain_greedy_takes_argmax_in_the_model_dtype():
-    """The fast path (all greedy, no logprobs, bias, penalty or grammar) skips the float32
-    copy; its tokens must equal the full path's, ties included (bf16 rounds many to equal)."""
-    x = (logits_batch() * 4).round().to(torch.bfloat16)          # coarse values: many ties
-    fast_info, full_info = info(4, temperature=0.0), info(4, temperature=0.0)
-    fast_info.need_logprobs = False
-    fast = sample(x, fast_info)
-    assert fast.logprobs is None and fast.tokens.dtype == torch.int64
-    assert torch.equal(fast.tokens, sample(x, full_info).tokens)
-    assert torch.equal(fast.tokens, x.float().argmax(-1))
-    biased = SamplingInfo.from_params([{"temperature": 0.0, "logit_bias": {3: 100.0}}] * 4, V, "cpu")
-    biased.need_logprobs = False                                  # a bias still takes the full path
-    assert (sample(x, biased).tokens == 3).all()
-
-
 def test_temperature_sampling_matches_softmax():
     """N draws per token; each empirical frequency is within 5 binomial sigmas
     (plus a 2/N floor for rare tokens) of softmax(x / T). False-failure odds ~1e-5."""

@@ -96,7 +96,12 @@ def test_default_chunk_size_follows_the_device(monkeypatch):
     from stage3_scheduler.scheduler import SchedulerArgs, default_chunked_prefill_size
     assert SchedulerArgs().chunked_prefill_size is None
     assert default_chunked_prefill_size("cpu") == 2048
-    assert engine_for("demo", max_total_tokens=256).scheduler.args.chunked_prefill_size == 2048
+    eng = engine_for("demo", max_total_tokens=256)
+    assert eng.scheduler.args.chunked_prefill_size == 2048
+    from stage3_scheduler.scheduler import Scheduler
+    given = SchedulerArgs()
+    assert Scheduler(eng.runner, given).args.chunked_prefill_size == 2048
+    assert given.chunked_prefill_size is None                  # resolved on a copy, not the caller's
     for gib, want in ((141, 8192), (80, 8192), (48, 4096), (24, 2048)):
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda d, gib=gib: SimpleNamespace(total_memory=gib * 2**30))
