@@ -147,6 +147,7 @@ def test_server_info_alias_and_pool_size(client):
     info = client.get("/server_info").json()
     assert info["max_total_num_tokens"] == info["internal_states"][0]["max_total_num_tokens"] > 0
     assert client.get("/get_server_info").json()["max_total_num_tokens"] == info["max_total_num_tokens"]
+    assert info["chunked_prefill_size"] == 2048          # the default as resolved for the CPU, not null
 
 
 def test_cache_report_counts_each_prompt_once():
