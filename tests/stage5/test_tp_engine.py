@@ -86,3 +86,18 @@ def test_stop_regex_is_refused_under_tp(engines):
     with pytest.raises(ValueError, match="stop_regex is not supported with tensor parallelism"):
         tp.scheduler.add_request(Req("tp-regex", list(PROMPTS[0]), params))
     assert_books_balance(tp)
+
+
+def test_default_chunk_size_is_the_ranks_minimum():
+    """With no chunk size given, TP ranks must cut the same chunks: the scheduler gets the
+    minimum of the ranks' defaults (here a stand-in group whose smallest rank says 1024)."""
+    from types import SimpleNamespace
+    from stage3_scheduler.scheduler import SchedulerArgs
+    eng = Engine(model="demo", device="cpu", max_total_tokens=256)
+    asked = []
+    eng.tp = SimpleNamespace(rank=1, min_int=lambda n: asked.append(n) or 1024)   # rank > 0: no broadcaster
+    sched = eng.make_scheduler(SchedulerArgs())
+    assert asked == [2048] and sched.args.chunked_prefill_size == 1024
+    assert eng.make_scheduler(SchedulerArgs(chunked_prefill_size=64)).args.chunked_prefill_size == 64
+    eng.tp = None
+    eng.close()
